@@ -1,0 +1,105 @@
+"""Causality of every train script's model and every output it computes (DESIGN.md, "Tests").
+
+A model lists its outputs in `GPT.causal_outputs(idx)` as name -> (tensor with time on dim 1, lookahead): the value
+at position p may depend on tokens <= p + lookahead only (0 for next-token logits; d for a depth-d multi-token
+head). Two checks, in fp32 on CPU with randomised weights (the zero-initialised projections would hide leaks):
+  1. changing every token after position t leaves each output at positions <= t - lookahead unchanged;
+  2. the gradient of output position p with respect to the embedding outputs at positions > p + lookahead is 0.
+Attention models must match exactly; a model may set `GPT.causality_tolerance` (relative to the outputs' scale)
+when its arithmetic reorders with the sequence (an FFT mixer, ~1e-5), far below any real leak. Each check is
+shown to fail on a deliberately leaky variant.
+"""
+import pytest
+import torch
+
+from tests.helpers import SCRIPTS, load_script
+
+VOCAB, T = 512, 24
+
+
+def build(module):
+    args, _ = module.parse_args(["--preset=tiny", f"--vocab_size={VOCAB}", f"--seq_len={T}"])
+    torch.manual_seed(0)
+    model = module.GPT(module.GPTConfig.from_args(args)).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, p.shape[-1] ** -0.5 if p.ndim >= 2 else 0.5)
+    return model
+
+
+def embedding_outputs(model):
+    """Capture every embedding lookup's output (B, T, C) during a forward, so gradients can be read from it."""
+    captured, hooks = [], []
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        captured.append(output)
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Embedding):
+            hooks.append(m.register_forward_hook(keep, prepend=True))  # before any other hook
+    return captured, hooks
+
+
+def find_leaks(model):
+    """Every violation of the two properties, as readable strings; empty when the model is causal."""
+    tolerance = getattr(type(model), "causality_tolerance", 0.0)
+    torch.manual_seed(1)
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        base = model.causal_outputs(idx)
+    leaks = []
+    for t in (0, 1, T // 2, T - 2):  # change every token after position t
+        changed = idx.clone()
+        changed[:, t + 1:] = (idx[:, t + 1:] + torch.randint(1, VOCAB, (2, T - t - 1))) % VOCAB
+        with torch.no_grad():
+            other = model.causal_outputs(changed)
+        for name, (out, lookahead) in base.items():
+            last = t - lookahead
+            if last < 0:
+                continue
+            a, b = out[:, :last + 1].float(), other[name][0][:, :last + 1].float()
+            err = (a - b).abs().max().item()
+            if err > tolerance * out.float().abs().max().item():
+                leaks.append(f"{name}: changing tokens after {t} moved positions <= {last} by {err:.3g}")
+
+    captured, hooks = embedding_outputs(model)
+    try:
+        outputs = model.causal_outputs(idx)
+        embedded = [e for e in captured if e.ndim == 3 and e.shape[1] == T]
+        assert embedded, "the model looked up no (B, T, C) embedding of idx"
+        for name, (out, lookahead) in outputs.items():
+            for p in (0, T // 2, T - 1):
+                if p >= out.shape[1]:
+                    continue
+                for e in embedded:
+                    e.grad = None
+                out[:, p].float().sum().backward(retain_graph=True)
+                for e in embedded:
+                    later = e.grad[:, p + lookahead + 1:] if e.grad is not None else torch.zeros(0)
+                    scale = max(e.grad.abs().max().item(), 1e-30) if e.grad is not None else 1.0
+                    if later.numel() and later.abs().max().item() > tolerance * scale:
+                        leaks.append(f"{name}: position {p} has a gradient from positions > {p + lookahead}")
+    finally:
+        for h in hooks:
+            h.remove()
+    return leaks
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_every_output_is_causal(script):
+    model = build(load_script(script))
+    assert "logits" in model.causal_outputs(torch.zeros(1, T, dtype=torch.long))
+    assert find_leaks(model) == []
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_a_leaky_variant_is_caught(script):
+    """Add the next position's embedding to each position: both checks must report it."""
+    model = build(load_script(script))
+    leak = lambda module, inputs, output: output + output.roll(-1, dims=1)  # noqa: E731
+    hooks = [m.register_forward_hook(leak) for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    leaks = find_leaks(model)
+    for h in hooks:
+        h.remove()
+    assert any("changing tokens" in s for s in leaks) and any("gradient" in s for s in leaks), leaks
