@@ -356,6 +356,7 @@ class Hyperparameters:
     val_tokens: int = 1048576  # validation tokens: the benchmark rules fix this number
     target_val_loss: float = 3.3821  # the run has reached the target when val_loss <= this
     stop_at_target: bool = False  # stop at the first validation that reaches the target
+    time_budget_s: float = 0.0  # end after this much training time, LR cooled down by then (0: off; for races)
     # system
     compile: int | str = "auto"  # torch.compile the model: 1, 0, or auto (on for CUDA, off for CPU)
     dtype: str = "auto"  # autocast: bf16, fp16 (with a GradScaler), fp32, or auto (bf16/fp16 on CUDA, fp32 on CPU)
@@ -425,12 +426,16 @@ def parse_args(argv):
 
 
 # ---- train ----
-def lr_factor(step, args):
-    """LR multiplier: optional linear warm-up, constant, then a linear cool-down to 0 over the last steps."""
+def lr_factor(step, args, elapsed=0.0):
+    """LR multiplier: linear warm-up over warmup_steps, constant, then a linear cool-down to 0 over the last
+    cooldown_frac of the run. Progress is step / num_iterations or, with a time budget, elapsed / budget if that
+    is further along: the cool-down then ends when the budget does."""
     if step < args.warmup_steps:
         return (step + 1) / args.warmup_steps
-    cooldown = max(1, round(args.cooldown_frac * args.num_iterations))
-    return min(1.0, (args.num_iterations - step) / cooldown)
+    progress = step / args.num_iterations
+    if args.time_budget_s > 0:
+        progress = max(progress, elapsed / args.time_budget_s)
+    return 1.0 if args.cooldown_frac <= 0 else min(1.0, max(0.0, 1.0 - progress) / args.cooldown_frac)
 
 
 def muon_momentum(step, args):
@@ -596,10 +601,10 @@ def main(argv=None):
         model.train()
         return total.item() / (args.val_tokens // args.seq_len)
 
-    def train_step(step):
+    def train_step(step, elapsed=0.0):
         for opt in optimizers:
             for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(step, args)
+                group["lr"] = group["base_lr"] * lr_factor(step, args, elapsed)
         for group in optimizers[1].param_groups:
             group["momentum"] = muon_momentum(step, args)
         loss_sum = torch.zeros((), device=device)
@@ -684,7 +689,12 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats(device)
     stopped, diverged, step, t0 = None, False, start_step, time.perf_counter()
     for step in range(start_step, args.num_iterations + 1):
-        last = step == args.num_iterations
+        elapsed = state["train_time"] + time.perf_counter() - t0
+        if args.time_budget_s > 0 and world > 1:  # every rank must take the same LR and stop at the same step
+            elapsed_t = torch.tensor(elapsed, device=device)
+            dist.all_reduce(elapsed_t, op=dist.ReduceOp.MAX)
+            elapsed = elapsed_t.item()
+        last = step == args.num_iterations or 0 < args.time_budget_s <= elapsed
         validate = last or (args.val_every > 0 and step % args.val_every == 0)
         save = args.save_every > 0 and step > 0 and (last or step % args.save_every == 0)
         if (validate or save) and (step > start_step or ckpt is None):
@@ -708,7 +718,7 @@ def main(argv=None):
             t0 = time.perf_counter()
         if last or stopped:
             break
-        train_loss = train_step(step)
+        train_loss = train_step(step, elapsed)
         if not math.isfinite(train_loss):  # the weights after `step` updates are bad: so is a checkpoint of them
             state["checkpoints"] = [c for c in state["checkpoints"] if c[0] < step]
             stopped, diverged = f"train_loss is {train_loss} at step {step + 1}", True
@@ -718,9 +728,11 @@ def main(argv=None):
             break
         now = state["train_time"] + time.perf_counter() - t0
         step_ms, kilo_tok_per_s = 1000 * now / (step + 1), args.batch_tokens * (step + 1) / now / 1000
+        eta = (args.num_iterations - step - 1) * step_ms / 1000
+        eta = min(eta, args.time_budget_s - now) if args.time_budget_s > 0 else eta
         log.write(f"step:{step + 1}/{args.num_iterations} train_loss:{train_loss:.4f} train_time:{now * 1000:.0f}ms "
                   f"step_avg:{step_ms:.1f}ms tok/s:{kilo_tok_per_s:.{0 if kilo_tok_per_s >= 100 else 1}f}k "
-                  f"eta:{format_seconds((args.num_iterations - step - 1) * step_ms / 1000)}")
+                  f"eta:{format_seconds(max(0.0, eta))}")
 
     peak_gb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9  # CPU: peak RSS

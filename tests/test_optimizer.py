@@ -60,6 +60,14 @@ def test_lr_schedule_warmup_constant_cooldown():
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
 
 
+def test_with_a_time_budget_the_cooldown_follows_the_clock():
+    args, _ = train.parse_args(["--num_iterations=1000000", "--cooldown_frac=0.5", "--time_budget_s=60"])
+    assert train.lr_factor(10, args, elapsed=20.0) == 1.0
+    assert train.lr_factor(10, args, elapsed=45.0) == pytest.approx(0.5)
+    assert train.lr_factor(10, args, elapsed=75.0) == 0.0
+    assert train.lr_factor(900000, args, elapsed=1.0) == pytest.approx(0.2)  # steps can be the further along
+
+
 def test_muon_momentum_warms_up_from_085():
     args, _ = train.parse_args(["--muon_momentum_warmup_steps=300"])
     assert train.muon_momentum(0, args) == pytest.approx(0.85)
