@@ -167,3 +167,16 @@ def test_default_preset_without_fineweb_says_how_to_get_it(tmp_path, monkeypatch
     with pytest.raises(SystemExit) as err:
         load_script(ROOT / "train_gpt2.py").main(["--n_layer=1", "--n_embd=64", "--n_head=1", f"--log_dir={tmp_path}"])
     assert "python data/fineweb.py --shards 8" in str(err.value) and "--preset=tiny" in str(err.value)
+
+
+def test_kernels_flag_keeps_the_numbers_and_logs_their_source(shards, tmp_path):
+    pytest.importorskip("kernels")
+    module = load_script(ROOT / "train_gpt2.py")
+    off = module.main(small_args(*shards, tmp_path / "off", num_iterations=3, kernels=0))
+    on = module.main(small_args(*shards, tmp_path / "on", num_iterations=3, kernels=1))
+    train_off, _, _ = read_log(tmp_path / "off" / f"{off['run_id']}.txt")
+    log_on = tmp_path / "on" / f"{on['run_id']}.txt"
+    assert read_log(log_on)[0] == train_off  # on CPU both run the reference: the same numbers, exactly
+    text = log_on.read_text(encoding="utf-8")
+    for name in ("__init__", "_dispatch", "cross_entropy", "newton_schulz"):
+        assert f"==== source {os.path.join('kernels', name)}.py sha256=" in text
