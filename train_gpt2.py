@@ -426,16 +426,20 @@ def parse_args(argv):
 
 
 # ---- train ----
-def lr_factor(step, args, elapsed=0.0):
-    """LR multiplier: linear warm-up over warmup_steps, constant, then a linear cool-down to 0 over the last
-    cooldown_frac of the run. Progress is step / num_iterations or, with a time budget, elapsed / budget if that
-    is further along: the cool-down then ends when the budget does."""
-    if step < args.warmup_steps:
-        return (step + 1) / args.warmup_steps
+def run_progress(step, args, elapsed=0.0):
+    """How far the run is, in [0, 1]: step / num_iterations or, with a time budget, elapsed / budget when that
+    is further along (so schedules end when the budget does)."""
     progress = step / args.num_iterations
     if args.time_budget_s > 0:
         progress = max(progress, elapsed / args.time_budget_s)
-    return 1.0 if args.cooldown_frac <= 0 else min(1.0, max(0.0, 1.0 - progress) / args.cooldown_frac)
+    return min(1.0, progress)
+
+
+def lr_factor(step, progress, args):
+    """LR multiplier: linear warm-up over warmup_steps, constant, then linear to 0 over the last cooldown_frac."""
+    if step < args.warmup_steps:
+        return (step + 1) / args.warmup_steps
+    return 1.0 if args.cooldown_frac <= 0 else min(1.0, (1.0 - progress) / args.cooldown_frac)
 
 
 def muon_momentum(step, args):
@@ -602,9 +606,12 @@ def main(argv=None):
         return total.item() / (args.val_tokens // args.seq_len)
 
     def train_step(step, elapsed=0.0):
+        progress = run_progress(step, args, elapsed)
+        if hasattr(raw_model, "schedule"):  # a model's own schedules (an aux-loss weight, router biases)
+            raw_model.schedule(progress)
         for opt in optimizers:
             for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(step, args, elapsed)
+                group["lr"] = group["base_lr"] * lr_factor(step, progress, args)
         for group in optimizers[1].param_groups:
             group["momentum"] = muon_momentum(step, args)
         loss_sum = torch.zeros((), device=device)

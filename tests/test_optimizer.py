@@ -53,7 +53,7 @@ def test_every_parameter_is_in_exactly_one_group(script):
 
 def test_lr_schedule_warmup_constant_cooldown():
     args, _ = train.parse_args(["--num_iterations=100", "--cooldown_frac=0.4", "--warmup_steps=10"])
-    factors = [train.lr_factor(step, args) for step in range(101)]
+    factors = [train.lr_factor(step, train.run_progress(step, args), args) for step in range(101)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0
     assert all(f == 1.0 for f in factors[10:61])
     assert factors[80] == pytest.approx(0.5) and factors[100] == 0.0
@@ -62,10 +62,12 @@ def test_lr_schedule_warmup_constant_cooldown():
 
 def test_with_a_time_budget_the_cooldown_follows_the_clock():
     args, _ = train.parse_args(["--num_iterations=1000000", "--cooldown_frac=0.5", "--time_budget_s=60"])
-    assert train.lr_factor(10, args, elapsed=20.0) == 1.0
-    assert train.lr_factor(10, args, elapsed=45.0) == pytest.approx(0.5)
-    assert train.lr_factor(10, args, elapsed=75.0) == 0.0
-    assert train.lr_factor(900000, args, elapsed=1.0) == pytest.approx(0.2)  # steps can be the further along
+    assert train.run_progress(10, args, elapsed=45.0) == pytest.approx(0.75)
+    assert train.run_progress(10, args, elapsed=75.0) == 1.0
+    assert train.run_progress(900000, args, elapsed=1.0) == pytest.approx(0.9)  # steps can be further along
+    assert train.lr_factor(10, train.run_progress(10, args, 20.0), args) == 1.0
+    assert train.lr_factor(10, train.run_progress(10, args, 45.0), args) == pytest.approx(0.5)
+    assert train.lr_factor(10, train.run_progress(10, args, 75.0), args) == 0.0
 
 
 def test_muon_momentum_warms_up_from_085():

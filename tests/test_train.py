@@ -82,7 +82,7 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(shards, tmp_path, mon
     """A NaN learning rate from the 6th update on: step 7's loss is NaN, and the checkpoint of step 6 already
     holds NaN weights, so the last good one is step 4's."""
     module = load_script(ROOT / "train_gpt2.py")
-    monkeypatch.setattr(module, "lr_factor", lambda step, args, elapsed=0.0: float("nan") if step >= 5 else 1.0)
+    monkeypatch.setattr(module, "lr_factor", lambda step, progress, args: float("nan") if step >= 5 else 1.0)
     with pytest.raises(SystemExit, match=r"train_loss is nan at step 7; last good checkpoint: .*ckpt_step000004\.pt"):
         module.main(small_args(*shards, tmp_path, num_iterations=10, save_every=2, val_every=0))
     log = next(tmp_path.glob("*.txt")).read_text()
@@ -104,6 +104,14 @@ def test_time_budget_ends_the_run_with_a_validation(shards, tmp_path):
     train, val, _ = read_log(tmp_path / f"{summary['run_id']}.txt")
     assert 2.0 <= summary["train_time_s"] < 4.0 and 0 < summary["steps"] < 100000
     assert sorted(val) == [summary["steps"]] and max(train) == summary["steps"]  # val_every=0: only the last
+
+
+def test_model_schedule_hook_sees_the_progress_before_every_step(shards, tmp_path, monkeypatch):
+    module = load_script(ROOT / "train_gpt2.py")
+    seen = []
+    monkeypatch.setattr(module.GPT, "schedule", lambda self, progress: seen.append(progress), raising=False)
+    module.main(small_args(*shards, tmp_path, num_iterations=4))
+    assert seen == [0.0, 0.25, 0.5, 0.75]
 
 
 def test_auto_device_batch_size_on_cpu(shards, tmp_path):
