@@ -282,6 +282,15 @@ def test_public_functions_on_cpu_give_reference_numbers():
     assert torch.equal(kernels.xxt(x), x @ x.mT)
 
 
+@pytest.fixture(autouse=True)
+def kernels_enabled():
+    """Each test starts with the switch on, whatever a train script's main() (--kernels=0) left behind."""
+    before = kernels.is_enabled()
+    kernels.set_enabled(True)
+    yield
+    kernels.set_enabled(before)
+
+
 def test_set_enabled_forces_reference(monkeypatch):
     calls = []
     monkeypatch.setattr(ce, "use_triton", lambda t: kernels.use_triton(t, allow_interpreter=True))
