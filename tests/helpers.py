@@ -1,5 +1,4 @@
 """Shared by the tests: find and import the train scripts, build token shards, run a script, read its log."""
-import importlib.util
 import json
 import re
 import sys
@@ -16,18 +15,12 @@ SECTION_ORDER = ["imports", "muon", "model", "data", "hyperparameters", "train"]
 
 sys.path.insert(0, str(ROOT / "data"))
 import fineweb  # noqa: E402  (data/fineweb.py: the shard writer the tests use)
+from sample import import_script  # noqa: E402  (the one loader of train scripts: sample.py's)
 
 
 def load_script(path):
-    """Import a train script as a module of its own name; importing never trains."""
-    path = Path(path)
-    if path.stem in sys.modules:
-        return sys.modules[path.stem]
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
-    return module
+    """Import a train script (or a tool) as a module of its own name; importing never trains."""
+    return import_script(path)
 
 
 def sections(text):
