@@ -648,6 +648,8 @@ def main(argv=None):
     log.write(f"# {device_name(device)} x{world}  params {n_params / 1e6:.2f}M  dtype {amp_dtype or torch.float32}  "
               f"compile {use_compile}  kernels {kernels is not None and args.kernels}  micro-batch "
               f"{args.device_batch_size} x {args.seq_len} x accumulation {accum}  log {log.path}")
+    if hasattr(raw_model, "describe"):  # an idea's own start-up facts (its extra FLOPs, its cache size)
+        log.write(f"# {raw_model.describe()}")
 
     state = dict(train_time=0.0, val_time=0.0, best_val_loss=float("inf"), final_val_loss=None,
                  time_to_target=None, checkpoints=[])  # checkpoints: [step, path] pairs
