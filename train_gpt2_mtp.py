@@ -1,0 +1,865 @@
+"""GPT-2 speedrun baseline + Multi-Token Prediction (MTP): an auxiliary loss on predicting further tokens.
+
+DeepSeek-V3's sequential MTP (DeepSeek-AI 2024, "DeepSeek-V3 Technical Report", section 2.2): depth d = 1..mtp_depth
+combines depth d-1's hidden state at position i with the embedding of token i+d, runs one transformer block and
+predicts token i+d+1 through the shared output head. Training loss = next-token loss + mtp_weight * mean of the MTP
+losses, the weight following --mtp_weight_schedule; validation (eval mode) is the plain next-token loss, so val
+losses compare with every other script. The MTP modules (state-dict keys `mtp.*`) are not needed for inference:
+a model built with mtp_depth=0 loads an MTP checkpoint and gives the same logits.
+
+    python train_gpt2_mtp.py --preset=tiny             a CPU-sized run on the bundled sample in data/sample/
+    python train_gpt2_mtp.py --help                    every flag with its default; MTP's own flags come last
+
+Only the `model` section and the MTP flags at the end of `Hyperparameters` differ from train_gpt2.py
+(tests/test_scripts_in_sync.py), so `diff train_gpt2.py train_gpt2_mtp.py` shows exactly this idea.
+"""
+# ---- imports ----
+import contextlib
+import dataclasses
+import datetime
+import glob
+import hashlib
+import inspect
+import json
+import math
+import os
+import platform
+import random
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+import typing
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+
+try:  # shared Triton kernels (kernels/): fused on CUDA, their PyTorch reference elsewhere, same numbers
+    import kernels
+except ImportError:  # a script copied out of the repo still runs, in plain PyTorch
+    kernels = None
+
+
+def linear_softcap_cross_entropy(x, weight, targets, softcap):
+    """Mean cross-entropy of softcap * tanh((x @ weight.T) / softcap) against targets (-1 = ignore)."""
+    if kernels is not None:  # chunked: the full (tokens x vocab) logits never exist at once
+        return kernels.linear_softcap_cross_entropy(x, weight, targets, softcap)
+    logits = F.linear(x, weight).float()
+    logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+
+def xxt(X):
+    """X @ X.mT, the symmetric Gram matrix in Newton–Schulz; the kernel computes only one triangle."""
+    return kernels.xxt(X) if kernels is not None else X @ X.mT
+
+
+# ---- muon ----
+# Quintic Newton–Schulz coefficients that maximise the slope at zero (Jordan et al. 2024, "Muon"): five steps
+# map every singular value into roughly [0.7, 1.2], which trains as well as the exact U V^T of the SVD.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def zeropower_via_newtonschulz5(G, steps=5):
+    """Approximately orthogonalise each matrix of G (..., m, n): its singular values go to ~1."""
+    a, b, c = NS_COEFFICIENTS
+    X = G.bfloat16() if G.is_cuda else G.float()  # bf16 is stable here and fast on GPU; CPU bf16 matmuls are slow
+    transposed = G.size(-2) > G.size(-1)
+    if transposed:  # iterate on the wide orientation so the Gram matrix X X^T is the small one
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        A = xxt(X)
+        B = b * A + c * xxt(A)  # A is symmetric, so A @ A = A @ A^T
+        X = a * X + B @ X
+    return X.mT if transposed else X
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton–Schulz (Jordan et al. 2024): Nesterov SGD-momentum whose update of each
+    hidden weight matrix is replaced by the nearest semi-orthogonal matrix. Hidden weights only: embeddings, head
+    and scalars go to AdamW. Same-shape weights are stacked so one batched Newton–Schulz call serves them all.
+    Every rank computes every update (gradients are already averaged by DDP): simple, and free on one GPU."""
+
+    def __init__(self, params, lr=0.05, momentum=0.95, nesterov=True, ns_steps=5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            by_shape = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_shape.setdefault(p.shape, []).append(p)
+            for shape, params in by_shape.items():
+                grads = [p.grad for p in params]
+                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+                torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])  # buf = m * buf + (1 - m) * grad
+                updates = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
+                ortho = zeropower_via_newtonschulz5(torch.stack(updates), group["ns_steps"])
+                scale = max(1.0, shape[-2] / shape[-1]) ** 0.5  # equal RMS update for tall and wide matrices
+                torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(ortho.unbind(0), params)],
+                                    alpha=-group["lr"] * scale)
+
+
+# ---- model ----
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128 for fast matmuls (nanoGPT)
+    seq_len: int = 1024  # longest context; the rotary tables are built for it
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    logit_softcap: float = 30.0  # logits = cap * tanh(logits / cap) (Gemma 2, 2024; modded-nanogpt)
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
+    mtp_depth: int = 1  # MTP modules: depth d predicts token t+1+d (DeepSeek-V3 section 2.2); 0 = none (inference)
+    mtp_weight: float = 0.3  # the MTP loss weight at the start of the run (lambda; DeepSeek-V3: 0.3, later 0.1)
+    mtp_weight_schedule: str = "linear"  # how the weight decays over the run: see mtp_weight_factor
+    mtp_weight_zero_at: float = 1.0  # run progress at which a decaying weight reaches 0
+
+    @classmethod
+    def from_args(cls, args):
+        if args.mtp_weight_schedule not in ("constant", "linear", "cosine") or args.mtp_weight_zero_at <= 0:
+            raise SystemExit(f"error: --mtp_weight_schedule={args.mtp_weight_schedule} --mtp_weight_zero_at="
+                             f"{args.mtp_weight_zero_at}: expected constant, linear or cosine, and a progress > 0")
+        if not 0 <= args.mtp_depth < args.seq_len:
+            raise SystemExit(f"error: --mtp_depth={args.mtp_depth}: expected 0 <= mtp_depth < seq_len")
+        return cls(vocab_size=args.vocab_size, seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head,
+                   n_embd=args.n_embd, logit_softcap=args.logit_softcap,
+                   activation_checkpointing=args.activation_checkpointing, mtp_depth=args.mtp_depth,
+                   mtp_weight=args.mtp_weight, mtp_weight_schedule=args.mtp_weight_schedule,
+                   mtp_weight_zero_at=args.mtp_weight_zero_at)
+
+
+def training_flops_per_token(config):
+    """(main model, MTP modules) training FLOPs per token: 6 per matmul weight (forward + backward, Kaplan et al.
+    2020) plus 12 * seq_len * n_embd per attention layer (PaLM, Chowdhery et al. 2022, app. B). The MTP modules
+    run on seq_len - d positions; counted as seq_len (a slight overestimate)."""
+    C, V, T = config.n_embd, config.vocab_size, config.seq_len
+    block = 6 * 12 * C * C + 12 * T * C  # q, k, v, proj (4 C^2) and the 4x MLP (8 C^2), then attention itself
+    head = 6 * V * C  # the (shared) output head: each depth pays for its own logits
+    return config.n_layer * block + head, config.mtp_depth * (6 * 2 * C * C + block + head)
+
+
+def mtp_weight_factor(schedule, progress, zero_at):
+    """The multiplier of --mtp_weight at this run progress in [0, 1]: 1 throughout (constant), or decaying from 1 at
+    the start to 0 at progress zero_at (linear, or cosine: slow at first), then 0. The extra signal helps most early;
+    late in the run the MTP loss competes with the next-token loss the target measures."""
+    left = max(0.0, 1.0 - progress / zero_at)  # the part of the decay still ahead
+    return {"constant": 1.0, "linear": left, "cosine": 0.5 - 0.5 * math.cos(math.pi * left)}[schedule]
+
+
+def norm(x):
+    """RMSNorm without a learned gain (Zhang & Sennrich 2019); gains add nothing here (modded-nanogpt)."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021, RoFormer): rotate channel pairs by position-dependent angles,
+    so attention scores depend on relative position only."""
+
+    def __init__(self, head_dim, max_len, base=10000.0):
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x, pos=0):  # x: (B, T, heads, head_dim); pos: position of x's first token
+        cos, sin = (t[None, pos:pos + x.size(1), None, :] for t in (self.cos, self.sin))
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
+        # separate q, k, v matrices so Muon orthogonalises each on its own
+        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_k = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        nn.init.zeros_(self.c_proj.weight)  # zero-init output projection: each block starts as identity (modded-nanogpt)
+        self.rotary = Rotary(self.head_dim, config.seq_len)
+
+    def forward(self, x, cache=None):  # cache: this layer's dict of past keys/values, for decoding (sample.py)
+        B, T, C = x.shape
+        q, k, v = (lin(x).view(B, T, self.n_head, self.head_dim) for lin in (self.c_q, self.c_k, self.c_v))
+        q, k = norm(q), norm(k)  # QK-norm (Dehghani et al. 2023, ViT-22B): bounded attention logits at high LR
+        pos = cache["k"].size(2) if cache else 0
+        q, k = self.rotary(q, pos), self.rotary(k, pos)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
+        if cache is None:  # training: flash attention kernels on GPU
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # decoding: new queries see every cached key and the causal part of their own block
+            if cache:
+                k, v = torch.cat((cache["k"], k), dim=2), torch.cat((cache["v"], v), dim=2)
+            cache["k"], cache["v"] = k, v
+            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=k.size(2) - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        nn.init.zeros_(self.c_proj.weight)  # zero-init output projection (modded-nanogpt)
+
+    def forward(self, x):  # ReLU² (So et al. 2021, Primer): ~1-2% lower loss than GELU in modded-nanogpt
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attn = CausalSelfAttention(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None):  # pre-norm residual block (GPT-2)
+        x = x + self.attn(norm(x), cache)
+        return x + self.mlp(norm(x))
+
+
+class MTPModule(nn.Module):
+    """One MTP depth d (DeepSeek-V3 section 2.2): h'_i = Block(M [h_i; norm(emb(token i+d))]), h_i being depth d-1's
+    state at position i (the main model's for d = 1). It has no embedding or head of its own: both are shared."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.proj = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)  # M: a hidden matrix, so Muon trains it
+        self.block = Block(config)
+
+    def forward(self, h, emb):  # h is already RMS-normed: GPT.hidden and every depth end with norm
+        return norm(self.block(self.proj(torch.cat((h, norm(emb)), dim=-1))))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        # untied from wte: input and output embeddings want different geometry and LRs (modded-nanogpt)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        nn.init.zeros_(self.lm_head.weight)  # zero-init head: the first loss is exactly ln(vocab_size)
+        # built after the main model, so the main weights start as the baseline's with the same seed
+        self.mtp = nn.ModuleList([MTPModule(config) for _ in range(config.mtp_depth)])
+        # the current MTP loss weight, set by schedule() in place: a tensor, so torch.compile never recompiles for it
+        self.register_buffer("mtp_weight", torch.tensor(float(config.mtp_weight)))
+
+    def hidden(self, idx, caches=None, emb=None):
+        x = norm(self.wte(idx) if emb is None else emb)
+        for i, block in enumerate(self.blocks):
+            if caches is not None:
+                x = block(x, caches[i])
+            elif self.config.activation_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return norm(x)
+
+    def logits(self, x):
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(self.lm_head(x).float() / cap)
+
+    def mtp_hidden(self, x, emb):
+        """Depth d's state (B, T - d, C) at index i joins depth d-1's state at i and the embedding of token i + d;
+        it predicts token i + d + 1 and sees tokens <= i + d only. x: the main model's states; emb: wte(idx)."""
+        states = []
+        for d, module in enumerate(self.mtp, 1):
+            inputs = (x[:, :-1], emb[:, d:])  # at the last index, token i + d would lie beyond the window
+            if self.config.activation_checkpointing and self.training:
+                x = checkpoint(module, *inputs, use_reentrant=False)
+            else:
+                x = module(*inputs)
+            states.append(x)
+        return states
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) token ids -> logits (B, T, vocab) of the main head (MTP never runs); with targets (B, T) the
+        mean loss instead: in training mode next-token loss + mtp_weight * mean MTP loss, in eval mode
+        (validation) the next-token loss alone, comparable with every other script."""
+        emb = self.wte(idx)  # looked up once, shared by the main model and every depth
+        x = self.hidden(idx, emb=emb)
+        if targets is None:
+            return self.logits(x)
+        cap = self.config.logit_softcap
+        loss = linear_softcap_cross_entropy(x, self.lm_head.weight, targets, cap)
+        if not self.training or not self.mtp:
+            return loss
+        # depth d at index i predicts token i + d + 1 = targets[:, i + d]: inside the window for every index
+        aux = [linear_softcap_cross_entropy(h, self.lm_head.weight, targets[:, d:], cap)
+               for d, h in enumerate(self.mtp_hidden(x, emb), 1)]
+        return loss + self.mtp_weight * torch.stack(aux).mean()
+
+    def describe(self):  # the training loop logs this at start-up
+        main, extra = training_flops_per_token(self.config)
+        return (f"MTP: depth {self.config.mtp_depth} adds {extra / 1e9:.3g} GFLOPs per token (+{100 * extra / main:.1f}% "
+                f"over the main model's {main / 1e9:.3g}; forward + backward, 6 per weight + attention)")
+
+    def schedule(self, progress):
+        """Called by the training loop before every optimizer step: the MTP weight for this point of the run."""
+        c = self.config
+        self.mtp_weight.fill_(c.mtp_weight * mtp_weight_factor(c.mtp_weight_schedule, progress, c.mtp_weight_zero_at))
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        """A model built with mtp_depth=0 (inference: sample.py) loads an MTP checkpoint by dropping its `mtp.*`
+        weights; every other key must match as usual."""
+        if not self.mtp:
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("mtp.")}
+        return super().load_state_dict(state_dict, *args, **kwargs)
+
+    @torch.no_grad()
+    def forward_cached(self, idx, caches=None):
+        """Decode with a KV cache: idx (B, T) continues the sequence held in caches (None starts one).
+        Returns (logits of the new tokens, caches); positions must stay below config.seq_len."""
+        caches = [{} for _ in self.blocks] if caches is None else caches
+        return self.logits(self.hidden(idx, caches)), caches
+
+    def causal_outputs(self, idx):
+        """Every output as name -> (tensor with time on dim 1, lookahead): position t may depend on tokens
+        <= t + lookahead only. test_causality.py checks each of them."""
+        emb = self.wte(idx)  # one lookup of the whole window: each depth shifts it (test_causality.py reads its grads)
+        x = self.hidden(idx, emb=emb)
+        outputs = {"logits": (self.logits(x), 0)}
+        for d, h in enumerate(self.mtp_hidden(x, emb), 1):
+            outputs[f"mtp{d}_logits"] = (self.logits(h), d)  # index i is position i; T - d of them
+        return outputs
+
+
+# ---- data ----
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256  # llm.c / modded-nanogpt token shard format
+
+
+def read_shard(path):
+    """A shard's tokens as a read-only uint16 memmap, after checking its header against the file size."""
+    size = os.path.getsize(path)
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    fix = "re-download it (python data/fineweb.py) or re-tokenize it (python data/fineweb.py --from-text ...)"
+    if header.size < HEADER_INTS:
+        raise SystemExit(f"error: {path}: {size} bytes is shorter than the {HEADER_INTS * 4}-byte header; {fix}")
+    if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise SystemExit(f"error: {path}: header magic/version {header[0]}/{header[1]}, expected "
+                         f"{SHARD_MAGIC}/{SHARD_VERSION}: not a GPT-2 token shard; {fix}")
+    n_tokens = int(header[2])
+    if size != HEADER_INTS * 4 + 2 * n_tokens:
+        raise SystemExit(f"error: {path}: header says {n_tokens} tokens ({HEADER_INTS * 4 + 2 * n_tokens} bytes) "
+                         f"but the file has {size} bytes (truncated?); {fix}")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n_tokens,))
+
+
+def find_shards(pattern, flag):
+    """Sorted files matching a glob (relative globs also tried beside this script), or a clear error."""
+    files = sorted(glob.glob(pattern))
+    if not files and not os.path.isabs(pattern):
+        files = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), pattern)))
+    if not files:
+        raise SystemExit(f"error: no files match --{flag}={pattern}\n  FineWeb: python data/fineweb.py --shards 8 "
+                         "(the val shard and 8 x 100M train tokens into data/fineweb10B/)\n  your own text: python "
+                         "data/fineweb.py --from-text FILE... --out DIR, then --train_files/--val_files=DIR/...\n"
+                         "  or try the bundled sample: python train_gpt2.py --preset=tiny")
+    return files
+
+
+class DistributedDataLoader:
+    """(inputs, targets) micro-batches of B sequences of T tokens, streamed from the shards in order. At every
+    micro-step the ranks take adjacent slices of one window of world*B*T tokens, so a step's data is the same
+    for any split into ranks x accumulation steps. The position (shard, offset) is saved in checkpoints."""
+
+    def __init__(self, pattern, B, T, rank, world, device):
+        self.files = find_shards(pattern, "train_files")
+        self.B, self.T, self.rank, self.world, self.device = B, T, rank, world, device
+        self.window = world * B * T
+        if max(len(read_shard(f)) for f in self.files) < self.window + 1:  # also checks every header up front
+            raise SystemExit(f"error: every shard of {pattern} is shorter than one micro-step window "
+                             f"({self.window + 1} tokens); use more data or a smaller --device_batch_size")
+        self.load_state_dict({"shard": 0, "offset": 0})
+
+    def state_dict(self):
+        return {"shard": self.shard, "offset": self.offset}
+
+    def load_state_dict(self, state):
+        self.shard, self.offset = state["shard"], state["offset"]
+        self.tokens = read_shard(self.files[self.shard])
+
+    def next_batch(self):
+        while self.offset + self.window + 1 > len(self.tokens):  # next shard; after the last, a new epoch
+            self.load_state_dict({"shard": (self.shard + 1) % len(self.files), "offset": 0})
+        start = self.offset + self.rank * self.B * self.T
+        buf = torch.from_numpy(self.tokens[start:start + self.B * self.T + 1].astype(np.int64))
+        self.offset += self.window
+        if self.device.type == "cuda":  # pinned host memory lets the copy overlap with compute
+            buf = buf.pin_memory().to(self.device, non_blocking=True)
+        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+
+
+def load_val_tokens(pattern, n_tokens):
+    """The first n_tokens + 1 tokens of the validation shards (inputs and their next-token targets)."""
+    parts, have = [], 0
+    for f in find_shards(pattern, "val_files"):
+        parts.append(np.asarray(read_shard(f)[:n_tokens + 1 - have]))
+        have += len(parts[-1])
+        if have == n_tokens + 1:
+            return np.concatenate(parts).astype(np.int64)
+    raise SystemExit(f"error: the validation shards {pattern} hold {have} tokens, fewer than --val_tokens={n_tokens} "
+                     f"+ 1; lower --val_tokens or add validation data (the benchmark rules need 1048576)")
+
+
+# ---- hyperparameters ----
+@dataclass
+class Hyperparameters:
+    preset: str = "gpt2_124m"  # named settings applied before the other flags (PRESETS below)
+    # data
+    train_files: str = "data/fineweb10B/fineweb_train_*.bin"  # glob of training shards
+    val_files: str = "data/fineweb10B/fineweb_val_*.bin"  # glob of validation shards; the first val_tokens are used
+    # model
+    vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads; head_dim = n_embd / n_head
+    n_embd: int = 768  # model width
+    seq_len: int = 1024  # tokens per training sequence
+    logit_softcap: float = 30.0  # logits = cap * tanh(logits / cap)
+    # optimisation
+    num_iterations: int = 3000  # optimizer steps (the LR schedule is laid out over them)
+    batch_tokens: int = 524288  # tokens per optimizer step over all ranks (2**19, as GPT-2 in llm.c)
+    device_batch_size: int | str = 16  # sequences per micro-step per rank, or auto (largest that fits)
+    warmup_steps: int = 0  # linear LR warm-up steps
+    cooldown_frac: float = 0.4  # the last fraction of the steps decays the LR linearly to 0 (modded-nanogpt)
+    muon_lr: float = 0.05  # hidden matrices
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum after the warm-up
+    muon_momentum_warmup_steps: int = 300  # momentum rises linearly from 0.85 over these steps (modded-nanogpt)
+    embed_lr: float = 0.6  # AdamW: input embedding
+    head_lr: float = 0.008  # AdamW: output head
+    scalar_lr: float = 0.04  # AdamW: vectors and scalars, if the model has any
+    adam_beta1: float = 0.8  # AdamW betas (modded-nanogpt)
+    adam_beta2: float = 0.95
+    weight_decay: float = 0.0  # AdamW weight decay
+    # evaluation
+    val_every: int = 125  # validate every this many steps (0: only at the end)
+    val_tokens: int = 1048576  # validation tokens: the benchmark rules fix this number
+    target_val_loss: float = 3.3821  # the run has reached the target when val_loss <= this
+    stop_at_target: bool = False  # stop at the first validation that reaches the target
+    time_budget_s: float = 0.0  # end after this much training time, LR cooled down by then (0: off; for races)
+    # system
+    compile: int | str = "auto"  # torch.compile the model: 1, 0, or auto (on for CUDA, off for CPU)
+    dtype: str = "auto"  # autocast: bf16, fp16 (with a GradScaler), fp32, or auto (bf16/fp16 on CUDA, fp32 on CPU)
+    activation_checkpointing: bool = False  # recompute each block in the backward pass to save memory
+    kernels: bool = False  # Triton kernels/ on CUDA (opt-in until measured on a GPU; same math as without)
+    seed: int = 0  # weight initialisation (the data order is fixed by the shards)
+    log_dir: str = "logs"  # logs/<run_id>.txt and checkpoints in logs/<run_id>/
+    save_every: int = 0  # checkpoint every this many steps and at the end (0: never)
+    resume: str = ""  # checkpoint to continue from; its settings apply unless given as flags
+    # idea: this script's own fields follow (the scripts-in-sync test ignores them)
+    mtp_depth: int = 1  # multi-token prediction: depth d also predicts token t+1+d (DeepSeek-V3); 0 = off
+    mtp_weight: float = 0.3  # weight of the mean MTP loss at the start of the run (DeepSeek-V3: 0.3)
+    mtp_weight_schedule: str = "linear"  # constant, linear or cosine: how the weight decays to 0 at mtp_weight_zero_at
+    mtp_weight_zero_at: float = 1.0  # run progress (0..1) at which a decaying MTP weight reaches 0 (and stays)
+
+
+PRESETS = {
+    "gpt2_124m": {},  # the defaults above: GPT-2 small shape, 2**19-token batches, BottleCap target
+    "bottlecap": dict(target_val_loss=3.3821, val_tokens=1048576, stop_at_target=True),  # BottleCap 1-GPU rule
+    "modded": dict(target_val_loss=3.28, val_tokens=10485760),  # modded-nanogpt's rule
+    # trains on CPU in seconds on the bundled sample (data/sample/): for smoke tests and first contact
+    "tiny": dict(train_files="data/sample/sample_train_*.bin", val_files="data/sample/sample_val_*.bin",
+                 n_layer=2, n_head=2, n_embd=64, seq_len=64, batch_tokens=512, device_batch_size=8,
+                 num_iterations=50, val_every=25, val_tokens=8192, muon_momentum_warmup_steps=10,
+                 target_val_loss=7.5),
+}
+
+
+def parse_value(name, text, kind):
+    try:
+        if kind is bool and text.lower() in ("1", "true", "0", "false"):
+            return text.lower() in ("1", "true")
+        if kind == (int | str):
+            return text if text == "auto" else int(text)
+        if kind in (int, float, str):
+            return kind(text)
+    except ValueError:
+        pass
+    expected = {bool: "0 or 1", int: "an integer", float: "a number"}.get(kind, "an integer or auto")
+    raise SystemExit(f"error: --{name}={text}: expected {expected}")
+
+
+def usage():
+    source = inspect.getsource(Hyperparameters)
+    helps = dict(re.findall(r"^    (\w+): [^=\n]+=[^#\n]*#\s*(.*)$", source, re.M))
+    lines = [f"usage: {os.path.basename(__file__)} [--name=value ...]", ""]
+    for f in dataclasses.fields(Hyperparameters):
+        default = int(f.default) if isinstance(f.default, bool) else f.default
+        lines.append(f"  --{f.name}={default}".ljust(56) + helps.get(f.name, ""))
+    lines.append(f"\npresets (--preset=NAME): {', '.join(PRESETS)}")
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    """--name=value flags -> (Hyperparameters, the flags given). The preset applies first, then the flags."""
+    kinds = typing.get_type_hints(Hyperparameters)
+    given = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(usage())
+            sys.exit(0)
+        name, eq, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name not in kinds or not eq:
+            raise SystemExit(f"error: unknown flag {arg!r}: flags are --name=value with name one of:\n  "
+                             + " ".join(kinds) + "\n(--help shows their defaults)")
+        given[name] = parse_value(name, text, kinds[name])
+    preset = given.get("preset", Hyperparameters.preset)
+    if preset not in PRESETS:
+        raise SystemExit(f"error: --preset={preset}: unknown preset; choose one of {', '.join(PRESETS)}")
+    return Hyperparameters(**{**PRESETS[preset], **given}), given
+
+
+# ---- train ----
+def run_progress(step, args, elapsed=0.0):
+    """How far the run is, in [0, 1]: step / num_iterations or, with a time budget, elapsed / budget when that
+    is further along (so schedules end when the budget does)."""
+    progress = step / args.num_iterations
+    if args.time_budget_s > 0:
+        progress = max(progress, elapsed / args.time_budget_s)
+    return min(1.0, progress)
+
+
+def lr_factor(step, progress, args):
+    """LR multiplier: linear warm-up over warmup_steps, constant, then linear to 0 over the last cooldown_frac."""
+    if step < args.warmup_steps:
+        return (step + 1) / args.warmup_steps
+    return 1.0 if args.cooldown_frac <= 0 else min(1.0, (1.0 - progress) / args.cooldown_frac)
+
+
+def muon_momentum(step, args):
+    frac = min(1.0, step / max(1, args.muon_momentum_warmup_steps))
+    return (1 - frac) * 0.85 + frac * args.muon_momentum
+
+
+def build_optimizers(model, args, device):
+    """Muon for hidden matrices; AdamW for embeddings, the head (lm_head*) and vectors. Each parameter once."""
+    embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    groups = {"embed": [], "head": [], "scalar": [], "muon": []}
+    for name, p in model.named_parameters():
+        kind = ("embed" if id(p) in embedding_ids else "head" if name.startswith("lm_head")
+                else "muon" if p.ndim >= 2 else "scalar")
+        groups[kind].append(p)
+    lrs = {"embed": args.embed_lr, "head": args.head_lr, "scalar": args.scalar_lr}
+    adam = torch.optim.AdamW([dict(params=groups[k], lr=lrs[k]) for k in lrs if groups[k]],
+                             betas=(args.adam_beta1, args.adam_beta2), eps=1e-10, weight_decay=args.weight_decay,
+                             fused=device.type == "cuda")
+    muon = Muon(groups["muon"], lr=args.muon_lr, momentum=args.muon_momentum)
+    for opt in (adam, muon):
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return [adam, muon]
+
+
+def pick_device_batch_size(per_rank, fits):
+    """The largest divisor of the per-rank batch (in sequences) for which fits(size) holds."""
+    for size in (b for b in range(per_rank, 0, -1) if per_rank % b == 0):
+        if fits(size):
+            return size
+    raise SystemExit("error: not even one sequence per micro-step fits in GPU memory; "
+                     "try --activation_checkpointing=1 or a smaller --seq_len")
+
+
+def probe_fits(model, args, device, amp_ctx, size):
+    """A real forward+backward at this micro-batch on CUDA, keeping 10% of memory spare for compile and
+    fragmentation plus room for the optimizer states (at most two fp32 copies of the weights)."""
+    idx = torch.randint(0, args.vocab_size, (size, args.seq_len), device=device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with amp_ctx:
+            model(idx, idx).backward()
+        peak = torch.cuda.max_memory_allocated(device)
+    except torch.OutOfMemoryError:
+        peak = float("inf")
+    model.zero_grad(set_to_none=True)
+    optimizer_bytes = 8 * sum(p.numel() for p in model.parameters())
+    return peak + optimizer_bytes <= 0.9 * torch.cuda.get_device_properties(device).total_memory
+
+
+class RunLog:
+    """logs/<run_id>.txt (opened with 'x', so never overwritten) and stdout, on rank 0 only."""
+
+    def __init__(self, path):
+        self.path = path
+        if path:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self.file = open(path, "x", encoding="utf-8", newline="", buffering=1)
+
+    def write(self, text, echo=True):
+        if self.path:
+            self.file.write(text if text.endswith("\n") else text + "\n")
+            if echo:
+                print(text.rstrip("\n"), flush=True)
+
+    def source(self, path):  # the exact text, framed by its length and hash so records/ can verify it
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+        sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        rel = os.path.relpath(path, os.path.dirname(os.path.abspath(__file__)))
+        self.write(f"==== source {rel} sha256={sha} chars={len(text)} ====\n{text}\n", echo=False)
+        return sha
+
+
+def environment_report(device, world):
+    lines = [f"python {platform.python_version()}  torch {torch.__version__}  cuda {torch.version.cuda}",
+             f"device {device_name(device)}  world_size {world}  platform {platform.platform()}"]
+    try:
+        import triton
+        lines.append(f"triton {triton.__version__}")
+    except ImportError:
+        lines.append("triton not installed")
+    if device.type == "cuda" and shutil.which("nvidia-smi"):
+        lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout)
+    return "\n".join(lines)
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})"
+
+
+def format_seconds(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def main(argv=None):
+    args, given = parse_args(sys.argv[1:] if argv is None else argv)
+    ckpt = None
+    if args.resume:  # the checkpoint's settings, overridden by the flags given now
+        if not os.path.isfile(args.resume):
+            raise SystemExit(f"error: --resume={args.resume}: no such checkpoint file")
+        ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
+        args = Hyperparameters(**{**ckpt["args"], **given})
+
+    # processes and devices: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` is one process
+    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(args.dtype, "auto")
+    if amp_dtype == "auto":  # bf16 from Ampere on; older GPUs (V100, RTX 20xx) get fp16 with loss scaling
+        amp_dtype = None if device.type != "cuda" else (
+            torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16)
+    amp_ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    use_compile = device.type == "cuda" if args.compile == "auto" else bool(args.compile)
+    if kernels is not None:
+        kernels.set_enabled(args.kernels)
+
+    # batch geometry: batch_tokens = world x accumulation x device_batch_size x seq_len
+    if args.batch_tokens % (args.seq_len * world):
+        raise SystemExit(f"error: --batch_tokens={args.batch_tokens} is not a multiple of --seq_len={args.seq_len} "
+                         f"x {world} processes")
+    if args.val_tokens % (args.seq_len * world):
+        raise SystemExit(f"error: --val_tokens={args.val_tokens} is not a multiple of --seq_len={args.seq_len} "
+                         f"x {world} processes")
+    per_rank = args.batch_tokens // (args.seq_len * world)
+    torch.manual_seed(args.seed)
+    raw_model = GPT(GPTConfig.from_args(args)).to(device)
+    if args.device_batch_size == "auto":
+        fits = (lambda b: probe_fits(raw_model, args, device, amp_ctx, b)) if device.type == "cuda" else bool
+        args.device_batch_size = pick_device_batch_size(per_rank, fits)
+    if per_rank % args.device_batch_size:
+        raise SystemExit(f"error: --device_batch_size={args.device_batch_size} does not divide the {per_rank} "
+                         f"sequences per rank per step (--batch_tokens / --seq_len / processes)")
+    accum = per_rank // args.device_batch_size
+    optimizers = build_optimizers(raw_model, args, device)
+    model = torch.compile(raw_model) if use_compile else raw_model
+    if world > 1:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    train_loader = DistributedDataLoader(args.train_files, args.device_batch_size, args.seq_len, rank, world, device)
+    val_tokens = load_val_tokens(args.val_files, args.val_tokens)
+    val_seqs = torch.from_numpy(val_tokens[:-1]).view(-1, args.seq_len)[rank::world]
+    val_targets = torch.from_numpy(val_tokens[1:]).view(-1, args.seq_len)[rank::world]
+    val_batch = max(b for b in range(1, args.device_batch_size + 1) if len(val_seqs) % b == 0)  # one shape: no recompiles
+
+    def evaluate():
+        model.eval()
+        total = torch.zeros((), device=device)
+        with torch.no_grad():
+            for i in range(0, len(val_seqs), val_batch):
+                x, y = (t[i:i + val_batch].to(device, non_blocking=True) for t in (val_seqs, val_targets))
+                with amp_ctx:
+                    total += model(x, y).float() * len(x)
+        if world > 1:
+            dist.all_reduce(total)
+        model.train()
+        return total.item() / (args.val_tokens // args.seq_len)
+
+    def train_step(step, elapsed=0.0):
+        progress = run_progress(step, args, elapsed)
+        if hasattr(raw_model, "schedule"):  # a model's own schedules (an aux-loss weight, router biases)
+            raw_model.schedule(progress)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_factor(step, progress, args)
+        for group in optimizers[1].param_groups:
+            group["momentum"] = muon_momentum(step, args)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            x, y = train_loader.next_batch()
+            no_sync = model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext()
+            with no_sync:  # DDP averages gradients across ranks once, on the last micro-step
+                with amp_ctx:
+                    loss = model(x, y)
+                scaler.scale(loss / accum).backward()
+            loss_sum += loss.detach().float()
+        for opt in optimizers:
+            scaler.unscale_(opt)
+            scaler.step(opt)
+        scaler.update()
+        model.zero_grad(set_to_none=True)
+        if world > 1:
+            dist.all_reduce(loss_sum)
+        return loss_sum.item() / (accum * world)
+
+    # the run log: code, environment, settings, then one line per step and a final summary
+    script_path = os.path.abspath(__file__)
+    run_id = f"{os.path.splitext(os.path.basename(script_path))[0]}_{datetime.datetime.now():%Y%m%d-%H%M%S}_{uuid.uuid4().hex[:6]}"
+    log = RunLog(os.path.join(args.log_dir, f"{run_id}.txt") if master else None)
+    log.write(f"# run {run_id}: {' '.join([os.path.basename(script_path)] + list(argv if argv is not None else sys.argv[1:]))}", echo=False)
+    script_sha = log.source(script_path)
+    for name in sorted(n for n in sys.modules if n == "kernels" or n.startswith("kernels.")):
+        if getattr(sys.modules[name], "__file__", None):
+            log.source(sys.modules[name].__file__)
+    log.write(f"==== environment ====\n{environment_report(device, world)}", echo=False)
+    log.write(f"==== hyperparameters ====\n{json.dumps(dataclasses.asdict(args))}", echo=False)
+    log.write("==== training ====", echo=False)
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    log.write(f"# {device_name(device)} x{world}  params {n_params / 1e6:.2f}M  dtype {amp_dtype or torch.float32}  "
+              f"compile {use_compile}  kernels {kernels is not None and args.kernels}  micro-batch "
+              f"{args.device_batch_size} x {args.seq_len} x accumulation {accum}  log {log.path}")
+    if hasattr(raw_model, "describe"):  # an idea's own start-up facts (its extra FLOPs, its cache size)
+        log.write(f"# {raw_model.describe()}")
+
+    state = dict(train_time=0.0, val_time=0.0, best_val_loss=float("inf"), final_val_loss=None,
+                 time_to_target=None, checkpoints=[])  # checkpoints: [step, path] pairs
+    start_step = 0
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"])
+        for opt, opt_state in zip(optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(opt_state)
+        scaler.load_state_dict(ckpt["scaler"])
+        train_loader.load_state_dict(ckpt["loader"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        state.update(ckpt["state"])
+        start_step = ckpt["step"]
+        log.write(f"# resumed from {args.resume} at step {start_step}")
+    elif use_compile:  # compile outside the timed run: a few real steps, then weights and optimizers reset
+        t_compile = time.perf_counter()
+        initial = [{k: v.detach().clone() for k, v in raw_model.state_dict().items()}, scaler.state_dict()]
+        initial += [o.state_dict() for o in optimizers]
+        for step in range(3):
+            train_step(step)
+        raw_model.load_state_dict(initial[0])
+        scaler.load_state_dict(initial[1])
+        for opt, opt_state in zip(optimizers, initial[2:]):
+            opt.load_state_dict(opt_state)
+        train_loader.load_state_dict({"shard": 0, "offset": 0})
+        state["compile_warmup"] = time.perf_counter() - t_compile
+        log.write(f"# compile warm-up: 3 steps in {state['compile_warmup']:.1f}s, excluded from train_time; "
+                  f"weights, optimizers and data reset")
+
+    def save_checkpoint(step):
+        path = os.path.join(args.log_dir, run_id, f"ckpt_step{step:06d}.pt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.exists(path):
+            raise SystemExit(f"error: {path} exists; checkpoints are never overwritten")
+        rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)
+        torch.save(dict(script=os.path.basename(script_path), model_config=dataclasses.asdict(raw_model.config),
+                        args=dataclasses.asdict(args), model=raw_model.state_dict(), step=step, rng=rng,
+                        optimizers=[o.state_dict() for o in optimizers], scaler=scaler.state_dict(),
+                        loader=train_loader.state_dict(), state=state), path + ".tmp")
+        os.replace(path + ".tmp", path)  # never half-written
+        state["checkpoints"].append([step, path])
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stopped, diverged, step, t0 = None, False, start_step, time.perf_counter()
+    for step in range(start_step, args.num_iterations + 1):
+        elapsed = state["train_time"] + time.perf_counter() - t0
+        if args.time_budget_s > 0 and world > 1:  # every rank must take the same LR and stop at the same step
+            elapsed_t = torch.tensor(elapsed, device=device)
+            dist.all_reduce(elapsed_t, op=dist.ReduceOp.MAX)
+            elapsed = elapsed_t.item()
+        last = step == args.num_iterations or 0 < args.time_budget_s <= elapsed
+        validate = last or (args.val_every > 0 and step % args.val_every == 0)
+        save = args.save_every > 0 and step > 0 and (last or step % args.save_every == 0)
+        if (validate or save) and (step > start_step or ckpt is None):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if step > start_step:  # the clock stops for validation and checkpoints
+                state["train_time"] += time.perf_counter() - t0
+            if validate:
+                t_val = time.perf_counter()
+                val_loss = evaluate()
+                state["best_val_loss"] = min(state["best_val_loss"], val_loss)
+                state["final_val_loss"] = val_loss
+                if val_loss <= args.target_val_loss and state["time_to_target"] is None:
+                    state["time_to_target"] = state["train_time"]
+                    stopped = f"target {args.target_val_loss} reached at step {step}" if args.stop_at_target else None
+                log.write(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} "
+                          f"train_time:{state['train_time'] * 1000:.0f}ms")
+                state["val_time"] += time.perf_counter() - t_val
+            if master and (save or stopped and args.save_every > 0):
+                save_checkpoint(step)
+            t0 = time.perf_counter()
+        if last or stopped:
+            break
+        train_loss = train_step(step, elapsed)
+        if not math.isfinite(train_loss):  # the weights after `step` updates are bad: so is a checkpoint of them
+            state["checkpoints"] = [c for c in state["checkpoints"] if c[0] < step]
+            stopped, diverged = f"train_loss is {train_loss} at step {step + 1}", True
+            log.write(f"error: {stopped}; stopping. Last good checkpoint: "
+                      f"{state['checkpoints'][-1][1] if state['checkpoints'] else 'none (set --save_every)'}; "
+                      "resume from it with a lower LR")
+            break
+        now = state["train_time"] + time.perf_counter() - t0
+        step_ms, kilo_tok_per_s = 1000 * now / (step + 1), args.batch_tokens * (step + 1) / now / 1000
+        eta = (args.num_iterations - step - 1) * step_ms / 1000
+        eta = min(eta, args.time_budget_s - now) if args.time_budget_s > 0 else eta
+        log.write(f"step:{step + 1}/{args.num_iterations} train_loss:{train_loss:.4f} train_time:{now * 1000:.0f}ms "
+                  f"step_avg:{step_ms:.1f}ms tok/s:{kilo_tok_per_s:.{0 if kilo_tok_per_s >= 100 else 1}f}k "
+                  f"eta:{format_seconds(max(0.0, eta))}")
+
+    peak_gb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9  # CPU: peak RSS
+    summary = dict(script=os.path.basename(script_path), script_sha256=script_sha, target_val_loss=args.target_val_loss,
+                   val_tokens=args.val_tokens, best_val_loss=state["best_val_loss"],
+                   final_val_loss=state["final_val_loss"], reached=state["time_to_target"] is not None,
+                   time_to_target_s=state["time_to_target"], train_time_s=state["train_time"],
+                   tokens_seen=step * args.batch_tokens, steps=step, peak_mem_gb=round(peak_gb, 3),
+                   device=device_name(device), world_size=world, run_id=run_id,
+                   compile_warmup_s=state.get("compile_warmup"), val_time_s=state["val_time"],
+                   stopped=stopped, last_checkpoint=state["checkpoints"][-1][1] if state["checkpoints"] else None)
+    log.write(json.dumps({"summary": summary}))
+    if world > 1:
+        dist.destroy_process_group()
+    if diverged:
+        raise SystemExit(f"error: stopped: {stopped}; last good checkpoint: {summary['last_checkpoint']}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
