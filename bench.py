@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import gc
 import json
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -167,7 +168,7 @@ def main(argv=None):
             p.error("--race needs --train_files and --val_files (e.g. the proxy shards, see README)")
         flags += [f"--train_files={a.train_files}", f"--val_files={a.val_files}", f"--val_every={a.val_every}",
                   f"--val_tokens={a.val_tokens}"]
-        command = "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = shlex.join(["python", "bench.py"] + list(sys.argv[1:] if argv is None else argv))
         return race(scripts, flags, a.minutes, a.name, a.records, command)
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
