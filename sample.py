@@ -26,9 +26,7 @@ EOT = 50256  # <|endoftext|>: starts every document in the training data
 GPT2_VOCAB = 50257  # real GPT-2 tokens; the models pad the vocabulary to 50304 for fast matmuls
 CHECKPOINT_KEYS = ("script", "model_config", "model")  # what sample.py needs of save_checkpoint's dict
 
-_TIKTOKEN_CACHE = ROOT.parent / "shared" / "data" / "tiktoken_cache"  # offline GPT-2 BPE files, when beside the repo
-if _TIKTOKEN_CACHE.is_dir():
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_TIKTOKEN_CACHE))
+TIKTOKEN_CACHE = ROOT.parent / "shared" / "data" / "tiktoken_cache"  # offline GPT-2 BPE files, when beside the repo
 
 
 # ---- loading ----
@@ -162,6 +160,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
 
 
 def gpt2_encoding():
+    if TIKTOKEN_CACHE.is_dir():  # here, not at import: bench.py and the tests import this module too
+        os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
     try:
         import tiktoken
         return tiktoken.get_encoding("gpt2")
