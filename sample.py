@@ -14,7 +14,6 @@ sampled, and a sample ends at <|endoftext|>. Checkpoints are pickles: load only 
 """
 import argparse
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -25,8 +24,6 @@ ROOT = Path(__file__).resolve().parent
 EOT = 50256  # <|endoftext|>: starts every document in the training data
 GPT2_VOCAB = 50257  # real GPT-2 tokens; the models pad the vocabulary to 50304 for fast matmuls
 CHECKPOINT_KEYS = ("script", "model_config", "model")  # what sample.py needs of save_checkpoint's dict
-
-TIKTOKEN_CACHE = ROOT.parent / "shared" / "data" / "tiktoken_cache"  # offline GPT-2 BPE files, when beside the repo
 
 
 # ---- loading ----
@@ -160,15 +157,9 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
 
 
 def gpt2_encoding():
-    if TIKTOKEN_CACHE.is_dir():  # here, not at import: bench.py and the tests import this module too
-        os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
-    try:
-        import tiktoken
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # not installed, or no network and no cached BPE files
-        raise SystemExit(f"error: tiktoken cannot load the GPT-2 encoding ({type(e).__name__}: {e}); pip install "
-                         "tiktoken, and offline export TIKTOKEN_CACHE_DIR=<dir with the BPE files> "
-                         "(../shared/data/tiktoken_cache)") from None
+    """tiktoken's GPT-2 encoding, through data/fineweb.py's loader (the one the tokenizer uses): it finds
+    ../shared/data/tiktoken_cache when TIKTOKEN_CACHE_DIR is unset, and fails with a SystemExit saying what to set."""
+    return import_script(ROOT / "data" / "fineweb.py").gpt2_encoding()
 
 
 # ---- command line ----

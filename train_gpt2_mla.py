@@ -1,5 +1,5 @@
 """GPT-2 speedrun baseline + Multi-head Latent Attention (MLA, DeepSeek-V2): keys and values come from a small
-cached latent per token, so the KV cache shrinks 5.3x at 124M (288 instead of 1536 numbers per token per layer).
+cached latent per token, so the KV cache shrinks 5.1x at 124M (300 instead of 1536 numbers per token per layer).
 
     torchrun --nproc_per_node=1 train_gpt2_mla.py      124M preset on FineWeb (python data/fineweb.py --shards 8)
     python train_gpt2_mla.py --preset=tiny             a CPU-sized run on the bundled sample in data/sample/
@@ -11,6 +11,7 @@ shows exactly one idea. Importing this file has no side effects; everything runs
 """
 # ---- imports ----
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import glob
@@ -23,9 +24,12 @@ import platform
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
+import types
 import typing
 import uuid
 from dataclasses import dataclass
@@ -38,15 +42,16 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-try:  # shared Triton kernels (kernels/): fused on CUDA, their PyTorch reference elsewhere, same numbers
+try:  # shared Triton kernels (kernels/), switched on by --kernels=1; their PyTorch reference otherwise
     import kernels
 except ImportError:  # a script copied out of the repo still runs, in plain PyTorch
     kernels = None
 
 
+# ---- kernels ----
 def linear_softcap_cross_entropy(x, weight, targets, softcap):
     """Mean cross-entropy of softcap * tanh((x @ weight.T) / softcap) against targets (-1 = ignore)."""
-    if kernels is not None:  # chunked: the full (tokens x vocab) logits never exist at once
+    if kernels is not None:  # with --kernels=1, chunked: the full (tokens x vocab) logits never exist at once
         return kernels.linear_softcap_cross_entropy(x, weight, targets, softcap)
     logits = F.linear(x, weight).float()
     logits = softcap * torch.tanh(logits / softcap)
@@ -97,7 +102,10 @@ class Muon(torch.optim.Optimizer):
                     by_shape.setdefault(p.shape, []).append(p)
             for shape, params in by_shape.items():
                 grads = [p.grad for p in params]
-                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+                for p in params:
+                    if "momentum_buffer" not in self.state[p]:  # allocated once, not zero-filled every step
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                bufs = [self.state[p]["momentum_buffer"] for p in params]
                 torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])  # buf = m * buf + (1 - m) * grad
                 updates = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
                 ortho = zeropower_via_newtonschulz5(torch.stack(updates), group["ns_steps"])
@@ -160,18 +168,21 @@ class CausalSelfAttention(nn.Module):
     """Multi-head Latent Attention (DeepSeek-AI 2024, DeepSeek-V2, section 2.1). Each token's keys and values are
     up-projected from one shared latent c_kv (kv_lora_rank wide); position enters only through a decoupled rotary
     part: a per-head rotary query and ONE rotary key shared by all heads, concatenated to the no-position parts.
-    Decoding caches only c_kv and the rotary key, and never rebuilds keys or values: W_uk is absorbed into the query
-    and W_uv applied after attention (section 2.1.3). Per token and layer that is kv_lora_rank + rope_head_dim
-    numbers instead of the baseline's 2 * n_embd: 256 + 32 = 288 vs 1536 at 124M (5.3x smaller).
+    Decoding caches c_kv, the rotary key and each head's key scale (below), and never rebuilds cached keys or values:
+    W_uk is absorbed into the query and W_uv applied after attention (section 2.1.3). Per token and layer that is
+    kv_lora_rank + rope_head_dim + n_head numbers instead of the baseline's 2 * n_embd: 256 + 32 + 12 = 300 vs
+    1536 at 124M (5.1x smaller).
+
+    QK-norm on whole heads, as the baseline: each head's query [q_nope | q_rope] and key [W_uk^h c_kv | k_rope] are
+    RMS-normalised over all D + R channels (and c_kv carries the paper's RMSNorm). A key's norm differs per head, so
+    decoding keeps 1 / rms of every (token, head) key in the cache, computed once when the token arrives (W_uk on
+    the new latents only), and scales the absorbed logits by it: logit = scale / rms_hs * (q_h . k_hs).
 
     124M (12 x 768, head_dim 64, full-rank q): attention matrices 2.09M per layer vs the baseline's 2.36M, so
     81.69M in the blocks vs 84.93M (-3.8%) and 158.96M in all vs 162.20M (-2.0%). Training FLOPs per token at
     seq_len 1024 (6 x block params + 6 x layers x seq_len x heads x (qk width + v width), head excluded): MLA
-    490.1M + 141.6M = 631.7M vs the baseline's 509.6M + 113.2M = 622.9M (+1.4%); tests/test_mla.py checks both.
-
-    QK-norm, kept where both paths can compute it: each head's query ([nope | rope]) and the shared rotary key are
-    RMS-normalised as in the baseline, and the cached latent c_kv carries the paper's RMSNorm; the reconstructed
-    no-position keys are not normalised (the absorbed path never builds them), so their scale is that of W_uk."""
+    490.1M + 169.9M = 660.0M vs the baseline's 509.6M + 113.2M = 622.9M (+6.0%), counting v padded to the q/k
+    width (96) for flash attention; without that padding, 631.7M (+1.4%). tests/test_mla.py checks both."""
 
     def __init__(self, config):
         super().__init__()
@@ -196,33 +207,44 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(self.rope_dim, config.seq_len)
         self.scale = (self.head_dim + self.rope_dim) ** -0.5  # of the [nope | rope] width, in both paths
 
-    def forward(self, x, cache=None):  # cache: this layer's dict of past latents and rotary keys (sample.py)
+    def forward(self, x, cache=None):  # cache: this layer's dict of past latents, rotary keys, key scales (sample.py)
         B, T, C = x.shape
         H, D, R = self.n_head, self.head_dim, self.rope_dim
         q = norm(self.c_q(x if self.q_down is None else norm(self.q_down(x))).view(B, T, H, D + R))  # QK-norm (ViT-22B)
         c_kv = norm(self.kv_down(x))  # (B, T, rank): the paper's RMSNorm on the latent
-        k_rope = norm(self.k_rope(x).view(B, T, 1, R))  # one rotary key for all heads, QK-normed
         pos = cache["c_kv"].size(1) if cache else 0
         q_nope, q_rope = q.split((D, R), dim=-1)
+        k_rope = self.k_rope(x).view(B, T, 1, R)  # one rotary key for all heads
         q_rope, k_rope = self.rotary(q_rope, pos), self.rotary(k_rope, pos)
-        if cache is None:  # training: rebuild per-head keys and values, one attention over [nope | rope]
-            k = torch.cat((self.k_up(c_kv).view(B, T, H, D), k_rope.expand(B, T, H, R)), dim=-1)
-            v = self.v_up(c_kv).view(B, T, H, D)
+        k_nope = self.k_up(c_kv).view(B, T, H, D)  # the new tokens' keys only (decoding never rebuilds cached ones)
+        if cache is None:  # training: per-head keys and values, one attention over [nope | rope]
+            k = norm(torch.cat((k_nope, k_rope.expand(B, T, H, R)), dim=-1))  # QK-norm of the whole key (baseline)
+            # v zero-padded from D to the q/k width D + R: SDPA's flash backend needs equal widths (DeepSeek-V2's own
+            # 192/128 split has the same mismatch). The padded columns of P @ V are wasted work, R / D of that matmul
+            # (+28M of 660M training FLOPs per token at 124M); equal widths instead would change the model.
+            v = F.pad(self.v_up(c_kv).view(B, T, H, D), (0, R))
             q, k, v = (t.transpose(1, 2) for t in (torch.cat((q_nope, q_rope), dim=-1), k, v))
-            # on CUDA, q/k width (96) != v width (64) rules out SDPA's flash backend: cuDNN or memory-efficient runs
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale).transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale).transpose(1, 2)[..., :D]
         else:  # decoding, absorbed: attention runs in latent space against the cache, keys/values never built
+            # each new key's 1 / rms over [k_nope_h | k_rope] (what norm() divides by), kept: H numbers per token
+            k_inv_rms = torch.rsqrt((k_nope.float().square().sum(-1) + k_rope.float().square().sum(-1)) / (D + R)
+                                    + torch.finfo(k_nope.dtype).eps).type_as(c_kv)  # (B, T, H)
             k_rope = k_rope.squeeze(2)
             if cache:
-                c_kv, k_rope = torch.cat((cache["c_kv"], c_kv), dim=1), torch.cat((cache["k_rope"], k_rope), dim=1)
-            cache["c_kv"], cache["k_rope"] = c_kv, k_rope
+                c_kv, k_rope, k_inv_rms = (torch.cat((cache[n], t), dim=1) for n, t in
+                                           (("c_kv", c_kv), ("k_rope", k_rope), ("k_inv_rms", k_inv_rms)))
+            cache["c_kv"], cache["k_rope"], cache["k_inv_rms"] = c_kv, k_rope, k_inv_rms
             S = c_kv.size(1)
             q_lat = torch.einsum("bthd,hdr->bhtr", q_nope, self.k_up.weight.view(H, D, self.rank))  # q_nope W_uk
             q = torch.cat((q_lat, q_rope.transpose(1, 2)), dim=-1)  # (B, H, T, rank + R)
-            k = torch.cat((c_kv, k_rope), dim=-1)[:, None].expand(B, H, S, self.rank + R)  # shared by every head
+            # logits against the one [c_kv | k_rope] per token that all heads share, times each head's 1 / rms: a
+            # per-(head, key) factor SDPA cannot take, so the softmax is written out (T is small when decoding, and
+            # materialising per-head scaled keys instead would read H times the cache)
+            att = torch.einsum("bhtr,bsr->bhts", q, torch.cat((c_kv, k_rope), dim=-1))
+            att = att * (self.scale * k_inv_rms.transpose(1, 2)[:, :, None])
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            o = F.scaled_dot_product_attention(q, k, c_kv[:, None].expand(B, H, S, self.rank), attn_mask=mask,
-                                               scale=self.scale)  # (B, H, T, rank): softmax-weighted latents
+            att = att.float().masked_fill(~mask, float("-inf")).softmax(dim=-1).type_as(c_kv)
+            o = torch.einsum("bhts,bsr->bhtr", att, c_kv)  # (B, H, T, rank): softmax-weighted latents
             y = torch.einsum("bhtr,hdr->bthd", o, self.v_up.weight.view(H, D, self.rank))  # then W_uv per head
         return self.c_proj(y.reshape(B, T, C))
 
@@ -290,8 +312,9 @@ class GPT(nn.Module):
 
     def describe(self):  # the training loop logs this at start-up
         c = self.config
-        return (f"MLA: the decoding cache holds {c.kv_lora_rank} + {c.rope_head_dim} = {c.kv_lora_rank + c.rope_head_dim}"
-                f" numbers per token per layer (standard attention: 2 x {c.n_embd} = {2 * c.n_embd})")
+        return (f"MLA: the decoding cache holds {c.kv_lora_rank} + {c.rope_head_dim} + {c.n_head} ="
+                f" {c.kv_lora_rank + c.rope_head_dim + c.n_head} numbers per token per layer (latent, rotary key, key"
+                f" scale per head; standard attention: 2 x {c.n_embd} = {2 * c.n_embd})")
 
     def causal_outputs(self, idx):
         """Every output as name -> (tensor with time on dim 1, lookahead): position t may depend on tokens
@@ -301,23 +324,34 @@ class GPT(nn.Module):
 
 # ---- data ----
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256  # llm.c / modded-nanogpt token shard format
+SHARD_FIX = "re-download it (python data/fineweb.py) or re-tokenize it (python data/fineweb.py --from-text ...)"
 
 
-def read_shard(path):
-    """A shard's tokens as a read-only uint16 memmap, after checking its header against the file size."""
+def read_shard(path, vocab_size=None):
+    """A shard's tokens as a read-only uint16 memmap, after checking its header against the file size and,
+    given vocab_size, that every token id fits the model (one pass over the file: cheap next to training)."""
     size = os.path.getsize(path)
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    fix = "re-download it (python data/fineweb.py) or re-tokenize it (python data/fineweb.py --from-text ...)"
     if header.size < HEADER_INTS:
-        raise SystemExit(f"error: {path}: {size} bytes is shorter than the {HEADER_INTS * 4}-byte header; {fix}")
+        raise SystemExit(f"error: {path}: {size} bytes is shorter than the {HEADER_INTS * 4}-byte header; {SHARD_FIX}")
     if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
         raise SystemExit(f"error: {path}: header magic/version {header[0]}/{header[1]}, expected "
-                         f"{SHARD_MAGIC}/{SHARD_VERSION}: not a GPT-2 token shard; {fix}")
+                         f"{SHARD_MAGIC}/{SHARD_VERSION}: not a GPT-2 token shard; {SHARD_FIX}")
     n_tokens = int(header[2])
     if size != HEADER_INTS * 4 + 2 * n_tokens:
         raise SystemExit(f"error: {path}: header says {n_tokens} tokens ({HEADER_INTS * 4 + 2 * n_tokens} bytes) "
-                         f"but the file has {size} bytes (truncated?); {fix}")
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n_tokens,))
+                         f"but the file has {size} bytes (truncated?); {SHARD_FIX}")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n_tokens,))
+    if vocab_size is not None:
+        check_token_ids(tokens, vocab_size, path)
+    return tokens
+
+
+def check_token_ids(tokens, vocab_size, path):
+    top = int(tokens.max()) if len(tokens) else -1
+    if top >= vocab_size:  # would be an IndexError deep in the embedding, long after start-up
+        raise SystemExit(f"error: {path}: token id {top} >= --vocab_size={vocab_size}; the shard holds another "
+                         f"tokenizer's ids or is corrupt: {SHARD_FIX}, or raise --vocab_size")
 
 
 def find_shards(pattern, flag):
@@ -333,15 +367,26 @@ def find_shards(pattern, flag):
     return files
 
 
+def check_train_is_not_val(train_pattern, val_pattern):
+    """Training on the validation set is a silent leak: refuse globs that share a file."""
+    real = lambda pattern, flag: {os.path.realpath(f) for f in find_shards(pattern, flag)}  # noqa: E731
+    shared = sorted(real(train_pattern, "train_files") & real(val_pattern, "val_files"))
+    if shared:
+        raise SystemExit(f"error: --train_files={train_pattern} and --val_files={val_pattern} both match "
+                         f"{shared[0]}{f' (and {len(shared) - 1} more)' if len(shared) > 1 else ''}: training on "
+                         "validation data; point the two flags at different shards")
+
+
 class DistributedDataLoader:
     """(inputs, targets) micro-batches of B sequences of T tokens, streamed from the shards in order. At every
     micro-step the ranks take adjacent slices of one window of world*B*T tokens, so a step's data is the same
-    for any split into ranks x accumulation steps. The position (shard, offset) is saved in checkpoints."""
+    for any split into ranks x accumulation steps. The position (shard, offset) is saved in checkpoints. Each
+    shard's token ids are checked against vocab_size when it is opened."""
 
-    def __init__(self, pattern, B, T, rank, world, device):
+    def __init__(self, pattern, B, T, rank, world, device, vocab_size=None):
         self.files = find_shards(pattern, "train_files")
         self.B, self.T, self.rank, self.world, self.device = B, T, rank, world, device
-        self.window = world * B * T
+        self.vocab_size, self.window = vocab_size, world * B * T
         if max(len(read_shard(f)) for f in self.files) < self.window + 1:  # also checks every header up front
             raise SystemExit(f"error: every shard of {pattern} is shorter than one micro-step window "
                              f"({self.window + 1} tokens); use more data or a smaller --device_batch_size")
@@ -352,7 +397,7 @@ class DistributedDataLoader:
 
     def load_state_dict(self, state):
         self.shard, self.offset = state["shard"], state["offset"]
-        self.tokens = read_shard(self.files[self.shard])
+        self.tokens = read_shard(self.files[self.shard], self.vocab_size)
 
     def next_batch(self):
         while self.offset + self.window + 1 > len(self.tokens):  # next shard; after the last, a new epoch
@@ -365,11 +410,13 @@ class DistributedDataLoader:
         return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
 
 
-def load_val_tokens(pattern, n_tokens):
+def load_val_tokens(pattern, n_tokens, vocab_size=None):
     """The first n_tokens + 1 tokens of the validation shards (inputs and their next-token targets)."""
     parts, have = [], 0
     for f in find_shards(pattern, "val_files"):
         parts.append(np.asarray(read_shard(f)[:n_tokens + 1 - have]))
+        if vocab_size is not None:
+            check_token_ids(parts[-1], vocab_size, f)
         have += len(parts[-1])
         if have == n_tokens + 1:
             return np.concatenate(parts).astype(np.int64)
@@ -439,6 +486,45 @@ PRESETS = {
 }
 
 
+def at_least(low):
+    return lambda v: low <= v < math.inf
+
+
+# Every flag's allowed values, in one place (checked after the preset and the flags, and after a resumed
+# checkpoint's settings): flag -> (test, what is allowed). Idea scripts check their own fields in GPTConfig.
+LIMITS = {
+    "vocab_size": (at_least(1), "an integer >= 1"), "n_layer": (at_least(1), "an integer >= 1"),
+    "n_head": (at_least(1), "an integer >= 1"), "n_embd": (at_least(2), "an integer >= 2"),
+    "seq_len": (at_least(1), "an integer >= 1"), "logit_softcap": (lambda v: 0 < v < math.inf, "a number > 0"),
+    "num_iterations": (at_least(1), "an integer >= 1"), "batch_tokens": (at_least(1), "an integer >= 1"),
+    "device_batch_size": (lambda v: v == "auto" or v >= 1, "an integer >= 1, or auto"),
+    "warmup_steps": (at_least(0), "an integer >= 0"), "cooldown_frac": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "muon_lr": (at_least(0), "a number >= 0"), "muon_momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "muon_momentum_warmup_steps": (at_least(0), "an integer >= 0"), "embed_lr": (at_least(0), "a number >= 0"),
+    "head_lr": (at_least(0), "a number >= 0"), "scalar_lr": (at_least(0), "a number >= 0"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "a number in [0, 1)"), "adam_beta2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "weight_decay": (at_least(0), "a number >= 0"), "val_every": (at_least(0), "an integer >= 0 (0: only at the end)"),
+    "val_tokens": (at_least(1), "an integer >= 1"), "target_val_loss": (math.isfinite, "a finite number"),
+    "time_budget_s": (at_least(0), "a number of seconds >= 0 (0: off)"),
+    "compile": (lambda v: v in (0, 1, "auto"), "0, 1 or auto"),
+    "dtype": (lambda v: v in ("auto", "bf16", "fp16", "fp32"), "auto, bf16, fp16 or fp32"),
+    "save_every": (at_least(0), "an integer >= 0 (0: never)"),
+}
+
+
+def check_args(args):
+    """A clear error for the first flag outside its allowed values, naming the flag, the value and the range."""
+    for name, (allowed, what) in LIMITS.items():
+        value = getattr(args, name)
+        if not allowed(value):
+            raise SystemExit(f"error: --{name}={value}: expected {what}")
+    if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 2:  # rotary turns channel pairs
+        divisors = [h for h in range(1, args.n_embd + 1) if args.n_embd % h == 0 and (args.n_embd // h) % 2 == 0]
+        raise SystemExit(f"error: --n_head={args.n_head}: must divide --n_embd={args.n_embd} into an even head size; "
+                         f"choose one of {', '.join(map(str, divisors[:12]))}{' ...' if len(divisors) > 12 else ''}")
+    return args
+
+
 def parse_value(name, text, kind):
     try:
         if kind is bool and text.lower() in ("1", "true", "0", "false"):
@@ -460,7 +546,10 @@ def usage():
     for f in dataclasses.fields(Hyperparameters):
         default = int(f.default) if isinstance(f.default, bool) else f.default
         lines.append(f"  --{f.name}={default}".ljust(56) + helps.get(f.name, ""))
-    lines.append(f"\npresets (--preset=NAME): {', '.join(PRESETS)}")
+    lines.append("\npresets (--preset=NAME; applied first, then the flags):")
+    for name, settings in PRESETS.items():
+        lines.append(f"  {name}: " + (" ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in settings.items())
+                                      or "the defaults above"))
     return "\n".join(lines)
 
 
@@ -480,7 +569,7 @@ def parse_args(argv):
     preset = given.get("preset", Hyperparameters.preset)
     if preset not in PRESETS:
         raise SystemExit(f"error: --preset={preset}: unknown preset; choose one of {', '.join(PRESETS)}")
-    return Hyperparameters(**{**PRESETS[preset], **given}), given
+    return check_args(Hyperparameters(**{**PRESETS[preset], **given})), given
 
 
 # ---- train ----
@@ -524,6 +613,16 @@ def build_optimizers(model, args, device):
     return [adam, muon]
 
 
+def restore_optimizers(optimizers, states):
+    """Load the optimizers' saved states (momenta, step counts), keeping the hyperparameters they have now: on
+    resume the flags given win over the checkpoint's lr, betas and weight decay."""
+    for opt, state in zip(optimizers, states):
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+        opt.load_state_dict(state)
+        for group, now in zip(opt.param_groups, settings):
+            group.update(now)
+
+
 def pick_device_batch_size(per_rank, fits):
     """The largest divisor of the per-rank batch (in sequences) for which fits(size) holds."""
     for size in (b for b in range(per_rank, 0, -1) if per_rank % b == 0):
@@ -533,21 +632,410 @@ def pick_device_batch_size(per_rank, fits):
                      "try --activation_checkpointing=1 or a smaller --seq_len")
 
 
+def memory_stats(device):
+    """(peak bytes allocated since the last reset, the device's total bytes)."""
+    return torch.cuda.max_memory_allocated(device), torch.cuda.get_device_properties(device).total_memory
+
+
 def probe_fits(model, args, device, amp_ctx, size):
-    """A real forward+backward at this micro-batch on CUDA, keeping 10% of memory spare for compile and
-    fragmentation plus room for the optimizer states (at most two fp32 copies of the weights)."""
+    """Does a micro-batch of `size` sequences fit? One real forward+backward of the model that will train (the
+    compiled one when compile is on: its fused graph needs far less memory than eager's fp32 logits), plus room
+    for the optimizer states (at most two fp32 copies of the weights), within 90% of the device's memory."""
     idx = torch.randint(0, args.vocab_size, (size, args.seq_len), device=device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         with amp_ctx:
             model(idx, idx).backward()
-        peak = torch.cuda.max_memory_allocated(device)
+        peak, total = memory_stats(device)
     except torch.OutOfMemoryError:
-        peak = float("inf")
+        peak, total = math.inf, 0
     model.zero_grad(set_to_none=True)
     optimizer_bytes = 8 * sum(p.numel() for p in model.parameters())
-    return peak + optimizer_bytes <= 0.9 * torch.cuda.get_device_properties(device).total_memory
+    return peak + optimizer_bytes <= 0.9 * total
+
+
+def auto_device_batch_size(raw_model, args, run, per_rank):
+    """--device_batch_size=auto: the largest micro-batch that fits, agreed on by every rank (the smallest rank's
+    answer: ranks that ran different numbers of micro-steps would wait on each other forever)."""
+    fits = lambda size: True  # noqa: E731  (a CPU has no memory limit to probe: one micro-step per optimizer step)
+    if run.device.type == "cuda":
+        # dynamic shapes: one compile serves every probed size; the training graph is compiled afterwards
+        probed = torch.compile(raw_model, dynamic=True) if run.use_compile else raw_model
+        fits = lambda size: probe_fits(probed, args, run.device, run.amp_ctx, size)  # noqa: E731
+    size = pick_device_batch_size(per_rank, fits)
+    if run.device.type == "cuda" and run.use_compile:
+        torch._dynamo.reset()
+    if run.world > 1:
+        agreed = torch.tensor(size, device=run.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # divisors of the same number: the minimum is one too
+        size = int(agreed.item())
+    return size
+
+
+def load_checkpoint(path):
+    """A checkpoint written by this script, or a clear error that says what the file is and what to do."""
+    script = os.path.basename(__file__)
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "ckpt_step*.pt")))
+        raise SystemExit(f"error: --resume={path} is a folder; pass a checkpoint file"
+                         + (f", e.g. --resume={found[-1]}" if found else " (ckpt_step*.pt, written by --save_every)"))
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --resume={path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # pickle, zip and EOF errors all mean the same here: not a whole checkpoint
+        raise SystemExit(f"error: --resume={path} is not a readable checkpoint ({type(e).__name__}); it is truncated "
+                         "or corrupt: resume from an earlier ckpt_step*.pt") from None
+    if not isinstance(ckpt, dict) or not {"script", "args", "model", "optimizers", "step"} <= set(ckpt):
+        raise SystemExit(f"error: --resume={path} is not a train_gpt2*.py checkpoint (those come from --save_every)")
+    if ckpt["script"] != script:
+        raise SystemExit(f"error: --resume={path} was written by {ckpt['script']}, not {script}: resume it with "
+                         f"python {ckpt['script']} --resume={path}")
+    unknown = sorted(set(ckpt["args"]) - {f.name for f in dataclasses.fields(Hyperparameters)})
+    if unknown:
+        raise SystemExit(f"error: --resume={path} has settings this version of {script} does not know ({', '.join(unknown)}); "
+                         "resume it with the version of the script that wrote it (its run log holds the source)")
+    return ckpt
+
+
+def keep_freed_memory():
+    """On a Linux CPU, glibc hands every freed buffer over 32 MB back to the OS and page-faults it in again at the
+    next allocation; CPU training frees ~100 MB of logits per op. Keeping freed memory for reuse makes CPU runs
+    several times faster, with the same numbers (mallopt: M_TRIM_THRESHOLD -1, M_TOP_PAD -2, M_MMAP_THRESHOLD -3)."""
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        libc = ctypes.CDLL(None)
+        for param, value in ((-3, 2**31 - 1), (-1, 2**31 - 1), (-2, 512 * 2**20)):
+            libc.mallopt(param, value)
+
+
+def setup(argv):
+    """Everything before the first step: flags (and a checkpoint's), processes, device, model, optimizers, data and
+    the run log. Every bad input is an error here, before anything is written."""
+    args, given = parse_args(argv)
+    ckpt = None
+    if args.resume:  # the checkpoint's settings, overridden by the flags given now
+        ckpt = load_checkpoint(args.resume)
+        args = check_args(Hyperparameters(**{**ckpt["args"], **given}))
+    run = types.SimpleNamespace(args=args, ckpt=ckpt, stopped=None, diverged=False, interrupted=None)
+
+    # processes and devices: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` is one process
+    run.rank, run.world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    run.master = run.rank == 0
+    run.device = device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        keep_freed_memory()
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(args.dtype, "auto")
+    if amp_dtype == "auto":  # bf16 from Ampere on; older GPUs (V100, RTX 20xx) get fp16 with loss scaling
+        amp_dtype = None if device.type != "cuda" else (
+            torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16)
+    run.amp_dtype = amp_dtype
+    run.amp_ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    run.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    run.use_compile = device.type == "cuda" if args.compile == "auto" else bool(args.compile)
+
+    # batch geometry: batch_tokens = world x accumulation x device_batch_size x seq_len
+    for name in ("batch_tokens", "val_tokens"):
+        if getattr(args, name) % (args.seq_len * run.world):
+            raise SystemExit(f"error: --{name}={getattr(args, name)} is not a multiple of --seq_len={args.seq_len} "
+                             f"x {run.world} processes")
+    check_train_is_not_val(args.train_files, args.val_files)
+    val_tokens = load_val_tokens(args.val_files, args.val_tokens, args.vocab_size)
+    per_rank = args.batch_tokens // (args.seq_len * run.world)
+    if args.device_batch_size != "auto" and per_rank % args.device_batch_size:
+        raise SystemExit(f"error: --device_batch_size={args.device_batch_size} does not divide the {per_rank} "
+                         f"sequences per rank per step (--batch_tokens / --seq_len / processes)")
+    torch.manual_seed(args.seed)
+    run.raw_model = raw_model = GPT(GPTConfig.from_args(args)).to(device)
+    if ckpt is not None:
+        try:
+            raw_model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise SystemExit(f"error: --resume={args.resume}: its weights do not fit this model "
+                             f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); resume "
+                             "without changing the model's shape flags") from None
+    if kernels is not None:
+        kernels.set_enabled(args.kernels)
+        kernels.pin_configs(run.world > 1)  # identical Muon updates on every rank
+    if run.world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args.device_batch_size == "auto":
+        args.device_batch_size = auto_device_batch_size(raw_model, args, run, per_rank)
+    run.accum = per_rank // args.device_batch_size
+    run.optimizers = build_optimizers(raw_model, args, device)
+    model = raw_model
+    if run.world > 1:  # the rotary tables are built, not learned: no buffers to broadcast
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+    # compiled around DDP, so the gradient all-reduce of each bucket overlaps with the rest of the backward
+    run.model = torch.compile(model) if run.use_compile else model
+    run.train_loader = DistributedDataLoader(args.train_files, args.device_batch_size, args.seq_len, run.rank,
+                                             run.world, device, args.vocab_size)
+    run.val_seqs = torch.from_numpy(val_tokens[:-1]).view(-1, args.seq_len)[run.rank::run.world]
+    run.val_targets = torch.from_numpy(val_tokens[1:]).view(-1, args.seq_len)[run.rank::run.world]
+    run.val_batch = max(b for b in range(1, args.device_batch_size + 1) if len(run.val_seqs) % b == 0)  # one shape
+    run.state = dict(train_time=0.0, val_time=0.0, best_val_loss=math.inf, final_val_loss=None,
+                     time_to_target=None, checkpoints=[])  # checkpoints: [step, path] pairs
+    run.start_step = 0
+    if ckpt is not None:
+        restore_optimizers(run.optimizers, ckpt["optimizers"])
+        run.scaler.load_state_dict(ckpt["scaler"])
+        run.train_loader.load_state_dict(ckpt["loader"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        run.state.update(ckpt["state"])
+        run.start_step = ckpt["step"]
+        if run.master:  # a run killed while saving leaves a temp file beside its checkpoints
+            for stale in glob.glob(os.path.join(os.path.dirname(os.path.abspath(args.resume)), "*.pt.tmp")):
+                os.remove(stale)
+
+    # the run log: code, environment, settings, then one line per step and a final summary
+    run.script_path = os.path.abspath(__file__)
+    run.run_id = (f"{os.path.splitext(os.path.basename(run.script_path))[0]}_{datetime.datetime.now():%Y%m%d-%H%M%S}_"
+                  f"{uuid.uuid4().hex[:6]}")
+    run.log = log = RunLog(os.path.join(args.log_dir, f"{run.run_id}.txt") if run.master else None)
+    log.write(f"# run {run.run_id}: {' '.join([os.path.basename(run.script_path)] + list(argv))}", echo=False)
+    run.script_sha = log.source(run.script_path)
+    for name in sorted(n for n in sys.modules if n == "kernels" or n.startswith("kernels.")):
+        if getattr(sys.modules[name], "__file__", None):
+            log.source(sys.modules[name].__file__)
+    log.write(f"==== environment ====\n{environment_report(device, run.world)}", echo=False)
+    log.write(f"==== hyperparameters ====\n{json.dumps(dataclasses.asdict(args))}", echo=False)
+    log.write("==== training ====", echo=False)
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    log.write(f"# {device_name(device)} x{run.world}  params {n_params / 1e6:.2f}M  dtype {amp_dtype or torch.float32}  "
+              f"compile {run.use_compile}  kernels {kernels is not None and args.kernels}  micro-batch "
+              f"{args.device_batch_size} x {args.seq_len} x accumulation {run.accum}  log {log.path}")
+    if hasattr(raw_model, "describe"):  # an idea's own start-up facts (its extra FLOPs, its cache size)
+        log.write(f"# {raw_model.describe()}")
+    if ckpt is not None:
+        log.write(f"# resumed from {args.resume} at step {run.start_step}")
+    elif run.use_compile:
+        compile_warmup(run)
+    return run
+
+
+def compile_warmup(run):
+    """Compile outside the timed run: three real steps, then weights, optimizers and data reset. The snapshot
+    waits on the CPU, not in GPU memory (~650 MB at 124M), and is gone once restored."""
+    t_compile = time.perf_counter()
+    initial = [{k: v.detach().to("cpu", copy=True) for k, v in run.raw_model.state_dict().items()},
+               run.scaler.state_dict(), [o.state_dict() for o in run.optimizers]]
+    for step in range(3):
+        train_step(run, step)
+    run.raw_model.load_state_dict(initial[0])
+    run.scaler.load_state_dict(initial[1])
+    for opt, state in zip(run.optimizers, initial[2]):
+        opt.load_state_dict(state)
+    del initial
+    run.train_loader.load_state_dict({"shard": 0, "offset": 0})
+    run.state["compile_warmup"] = time.perf_counter() - t_compile
+    run.log.write(f"# compile warm-up: 3 steps in {run.state['compile_warmup']:.1f}s, excluded from train_time; "
+                  f"weights, optimizers and data reset")
+
+
+def evaluate(run):
+    """Mean next-token loss over exactly val_tokens tokens; each rank takes every world-th sequence."""
+    model, device, n_seqs = run.model, run.device, len(run.val_seqs)
+    model.eval()
+    total = torch.zeros((), device=device)
+    t_start = t_shown = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, n_seqs, run.val_batch):
+            x, y = (t[i:i + run.val_batch].to(device, non_blocking=True) for t in (run.val_seqs, run.val_targets))
+            with run.amp_ctx:
+                total += model(x, y).float() * len(x)
+            if run.master and time.perf_counter() - t_shown > 10:  # a long validation (a CPU) shows progress
+                t_shown = time.perf_counter()
+                print(f"  validation: {i + len(x)}/{n_seqs} sequences, {t_shown - t_start:.0f}s", file=sys.stderr,
+                      flush=True)
+    if run.world > 1:
+        dist.all_reduce(total)
+    model.train()
+    return total.item() / (run.args.val_tokens // run.args.seq_len)
+
+
+def train_step(run, step, elapsed=0.0):
+    """One optimizer step over accum micro-batches; returns the mean training loss over every rank."""
+    args, model = run.args, run.model
+    progress = run_progress(step, args, elapsed)
+    if hasattr(run.raw_model, "schedule"):  # a model's own schedules (an aux-loss weight, router biases)
+        run.raw_model.schedule(progress)
+    for opt in run.optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(step, progress, args)
+    for group in run.optimizers[1].param_groups:
+        group["momentum"] = muon_momentum(step, args)
+    loss_sum = torch.zeros((), device=run.device)
+    for micro in range(run.accum):
+        x, y = run.train_loader.next_batch()
+        no_sync = model.no_sync() if run.world > 1 and micro < run.accum - 1 else contextlib.nullcontext()
+        with no_sync:  # DDP averages gradients across ranks once, on the last micro-step
+            with run.amp_ctx:
+                loss = model(x, y)
+            run.scaler.scale(loss / run.accum).backward()
+        loss_sum += loss.detach().float()
+    for opt in run.optimizers:
+        run.scaler.unscale_(opt)
+        run.scaler.step(opt)
+    run.scaler.update()
+    model.zero_grad(set_to_none=True)
+    if run.world > 1:
+        dist.all_reduce(loss_sum)
+    return loss_sum.item() / (run.accum * run.world)
+
+
+def save_checkpoint(run, step):
+    """logs/<run_id>/ckpt_step<step>.pt: everything a resume needs. Written to a temp file and renamed, so it is
+    whole or absent, even if the run is killed while saving."""
+    path = os.path.join(run.args.log_dir, run.run_id, f"ckpt_step{step:06d}.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.exists(path):
+        raise SystemExit(f"error: {path} exists; checkpoints are never overwritten")
+    cuda = run.device.type == "cuda"
+    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if cuda else None)
+    try:
+        torch.save(dict(script=os.path.basename(run.script_path), model_config=dataclasses.asdict(run.raw_model.config),
+                        args=dataclasses.asdict(run.args), model=run.raw_model.state_dict(), step=step, rng=rng,
+                        optimizers=[o.state_dict() for o in run.optimizers], scaler=run.scaler.state_dict(),
+                        loader=run.train_loader.state_dict(), state=run.state), path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + ".tmp")
+        raise
+    run.state["checkpoints"].append([step, path])
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt(run):
+    """Ctrl-C and SIGTERM (a scheduler's kill) both end the loop the same way: a log line, a summary, no half file."""
+    def interrupt(signum, frame):
+        run.interrupted = signum
+        raise KeyboardInterrupt
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+        previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in (previous or {}).items():
+            signal.signal(s, handler)
+
+
+def train_loop(run):
+    """The steps, validation every val_every, checkpoints every save_every, and the training clock, which stops for
+    both. Sets run.stopped (why the run ended early) and returns the number of steps taken."""
+    args, state, log = run.args, run.state, run.log
+    done, t0 = run.start_step, time.perf_counter()  # done: optimizer steps taken, whenever an interrupt lands
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    try:
+        with stop_signals_interrupt(run):
+            for step in range(run.start_step, args.num_iterations + 1):
+                elapsed = state["train_time"] + time.perf_counter() - t0
+                if args.time_budget_s > 0 and run.world > 1:  # every rank must take the same LR and stop together
+                    elapsed_t = torch.tensor(elapsed, device=run.device)
+                    dist.all_reduce(elapsed_t, op=dist.ReduceOp.MAX)
+                    elapsed = elapsed_t.item()
+                last = step == args.num_iterations or 0 < args.time_budget_s <= elapsed
+                validate = last or (args.val_every > 0 and step % args.val_every == 0)
+                save = args.save_every > 0 and step > 0 and (last or step % args.save_every == 0)
+                if (validate or save) and (step > run.start_step or run.ckpt is None):
+                    if run.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    if step > run.start_step:  # the clock stops for validation and checkpoints
+                        state["train_time"] += time.perf_counter() - t0
+                    t0 = None
+                    if validate:
+                        validation(run, step)
+                    if run.master and (save or run.stopped and args.save_every > 0):
+                        save_checkpoint(run, step)
+                    t0 = time.perf_counter()
+                if last or run.stopped:
+                    break
+                train_loss = train_step(run, step, elapsed)
+                done = step + 1
+                if not math.isfinite(train_loss):  # the weights after `step` updates are bad: so is a checkpoint
+                    state["checkpoints"] = [c for c in state["checkpoints"] if c[0] < step]
+                    run.stopped, run.diverged = f"train_loss is {train_loss} at step {step + 1}", True
+                    log.write(f"error: {run.stopped}; stopping. Last good checkpoint: {last_checkpoint(run)}; "
+                              "resume from it with a lower LR")
+                    break
+                now = state["train_time"] + time.perf_counter() - t0
+                step_ms, kilo_tok_per_s = 1000 * now / (step + 1), args.batch_tokens * (step + 1) / now / 1000
+                eta = (args.num_iterations - step - 1) * step_ms / 1000
+                eta = min(eta, args.time_budget_s - now) if args.time_budget_s > 0 else eta
+                log.write(f"step:{step + 1}/{args.num_iterations} train_loss:{train_loss:.4f} "
+                          f"train_time:{now * 1000:.0f}ms step_avg:{step_ms:.1f}ms "
+                          f"tok/s:{kilo_tok_per_s:.{0 if kilo_tok_per_s >= 100 else 1}f}k "
+                          f"eta:{format_seconds(max(0.0, eta))}")
+    except KeyboardInterrupt:
+        if t0 is not None:
+            state["train_time"] += time.perf_counter() - t0
+        run.interrupted = run.interrupted or signal.SIGINT  # a KeyboardInterrupt outside our handler: Ctrl-C
+        run.stopped = f"interrupted ({signal.Signals(run.interrupted).name}) at step {done}"
+        log.write(f"{run.stopped}; last checkpoint: {last_checkpoint(run)}")
+    return done
+
+
+def validation(run, step):
+    """Evaluate, log it, and note the first time the target is reached."""
+    args, state = run.args, run.state
+    t_val = time.perf_counter()
+    val_loss = evaluate(run)
+    state["best_val_loss"] = min(state["best_val_loss"], val_loss)
+    state["final_val_loss"] = val_loss
+    if val_loss <= args.target_val_loss and state["time_to_target"] is None:
+        state["time_to_target"] = state["train_time"]
+        if args.stop_at_target:
+            run.stopped = f"target {args.target_val_loss} reached at step {step}"
+    run.log.write(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} train_time:{state['train_time'] * 1000:.0f}ms")
+    state["val_time"] += time.perf_counter() - t_val
+
+
+def last_checkpoint(run):
+    return run.state["checkpoints"][-1][1] if run.state["checkpoints"] else None
+
+
+def finish(run, steps):
+    """The summary line (also on an early stop or an interrupt), then an error exit if the run did not end well."""
+    args, state = run.args, run.state
+    finite = lambda v: v if v is not None and math.isfinite(v) else None  # noqa: E731  (JSON has no Infinity)
+    peak_gb = (torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9  # CPU: peak RSS
+    summary = dict(script=os.path.basename(run.script_path), script_sha256=run.script_sha,
+                   target_val_loss=args.target_val_loss, val_tokens=args.val_tokens,
+                   best_val_loss=finite(state["best_val_loss"]), final_val_loss=finite(state["final_val_loss"]),
+                   reached=state["time_to_target"] is not None, time_to_target_s=state["time_to_target"],
+                   train_time_s=state["train_time"], tokens_seen=steps * args.batch_tokens, steps=steps,
+                   peak_mem_gb=round(peak_gb, 3), device=device_name(run.device), world_size=run.world,
+                   run_id=run.run_id, compile_warmup_s=state.get("compile_warmup"), val_time_s=state["val_time"],
+                   stopped=run.stopped, last_checkpoint=last_checkpoint(run))
+    run.log.write(json.dumps({"summary": summary}, allow_nan=False))
+    if run.world > 1 and not run.interrupted:
+        dist.destroy_process_group()
+    if run.diverged:
+        raise SystemExit(f"error: stopped: {run.stopped}; last good checkpoint: {summary['last_checkpoint']}")
+    if run.interrupted:
+        raise SystemExit(128 + run.interrupted)  # the shell's convention for a process ended by a signal
+    return summary
+
+
+@contextlib.contextmanager
+def errors_from_rank_zero():
+    """Under torchrun every rank hits the same bad input: rank 0 prints the message, the others exit quietly with
+    the same code (a SystemExit with a number prints nothing)."""
+    try:
+        yield
+    except SystemExit as e:
+        if int(os.environ.get("RANK", 0)) != 0 and not isinstance(e.code, int | None):
+            raise SystemExit(1) from None
+        raise
 
 
 class RunLog:
@@ -596,227 +1084,11 @@ def format_seconds(s):
 
 
 def main(argv=None):
-    args, given = parse_args(sys.argv[1:] if argv is None else argv)
-    ckpt = None
-    if args.resume:  # the checkpoint's settings, overridden by the flags given now
-        if not os.path.isfile(args.resume):
-            raise SystemExit(f"error: --resume={args.resume}: no such checkpoint file")
-        ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
-        args = Hyperparameters(**{**ckpt["args"], **given})
-
-    # processes and devices: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` is one process
-    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    master = rank == 0
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(args.dtype, "auto")
-    if amp_dtype == "auto":  # bf16 from Ampere on; older GPUs (V100, RTX 20xx) get fp16 with loss scaling
-        amp_dtype = None if device.type != "cuda" else (
-            torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16)
-    amp_ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    use_compile = device.type == "cuda" if args.compile == "auto" else bool(args.compile)
-    if kernels is not None:
-        kernels.set_enabled(args.kernels)
-
-    # batch geometry: batch_tokens = world x accumulation x device_batch_size x seq_len
-    if args.batch_tokens % (args.seq_len * world):
-        raise SystemExit(f"error: --batch_tokens={args.batch_tokens} is not a multiple of --seq_len={args.seq_len} "
-                         f"x {world} processes")
-    if args.val_tokens % (args.seq_len * world):
-        raise SystemExit(f"error: --val_tokens={args.val_tokens} is not a multiple of --seq_len={args.seq_len} "
-                         f"x {world} processes")
-    per_rank = args.batch_tokens // (args.seq_len * world)
-    torch.manual_seed(args.seed)
-    raw_model = GPT(GPTConfig.from_args(args)).to(device)
-    if args.device_batch_size == "auto":
-        fits = (lambda b: probe_fits(raw_model, args, device, amp_ctx, b)) if device.type == "cuda" else bool
-        args.device_batch_size = pick_device_batch_size(per_rank, fits)
-    if per_rank % args.device_batch_size:
-        raise SystemExit(f"error: --device_batch_size={args.device_batch_size} does not divide the {per_rank} "
-                         f"sequences per rank per step (--batch_tokens / --seq_len / processes)")
-    accum = per_rank // args.device_batch_size
-    optimizers = build_optimizers(raw_model, args, device)
-    model = torch.compile(raw_model) if use_compile else raw_model
-    if world > 1:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    train_loader = DistributedDataLoader(args.train_files, args.device_batch_size, args.seq_len, rank, world, device)
-    val_tokens = load_val_tokens(args.val_files, args.val_tokens)
-    val_seqs = torch.from_numpy(val_tokens[:-1]).view(-1, args.seq_len)[rank::world]
-    val_targets = torch.from_numpy(val_tokens[1:]).view(-1, args.seq_len)[rank::world]
-    val_batch = max(b for b in range(1, args.device_batch_size + 1) if len(val_seqs) % b == 0)  # one shape: no recompiles
-
-    def evaluate():
-        model.eval()
-        total = torch.zeros((), device=device)
-        with torch.no_grad():
-            for i in range(0, len(val_seqs), val_batch):
-                x, y = (t[i:i + val_batch].to(device, non_blocking=True) for t in (val_seqs, val_targets))
-                with amp_ctx:
-                    total += model(x, y).float() * len(x)
-        if world > 1:
-            dist.all_reduce(total)
-        model.train()
-        return total.item() / (args.val_tokens // args.seq_len)
-
-    def train_step(step, elapsed=0.0):
-        progress = run_progress(step, args, elapsed)
-        if hasattr(raw_model, "schedule"):  # a model's own schedules (an aux-loss weight, router biases)
-            raw_model.schedule(progress)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(step, progress, args)
-        for group in optimizers[1].param_groups:
-            group["momentum"] = muon_momentum(step, args)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            x, y = train_loader.next_batch()
-            no_sync = model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext()
-            with no_sync:  # DDP averages gradients across ranks once, on the last micro-step
-                with amp_ctx:
-                    loss = model(x, y)
-                scaler.scale(loss / accum).backward()
-            loss_sum += loss.detach().float()
-        for opt in optimizers:
-            scaler.unscale_(opt)
-            scaler.step(opt)
-        scaler.update()
-        model.zero_grad(set_to_none=True)
-        if world > 1:
-            dist.all_reduce(loss_sum)
-        return loss_sum.item() / (accum * world)
-
-    # the run log: code, environment, settings, then one line per step and a final summary
-    script_path = os.path.abspath(__file__)
-    run_id = f"{os.path.splitext(os.path.basename(script_path))[0]}_{datetime.datetime.now():%Y%m%d-%H%M%S}_{uuid.uuid4().hex[:6]}"
-    log = RunLog(os.path.join(args.log_dir, f"{run_id}.txt") if master else None)
-    log.write(f"# run {run_id}: {' '.join([os.path.basename(script_path)] + list(argv if argv is not None else sys.argv[1:]))}", echo=False)
-    script_sha = log.source(script_path)
-    for name in sorted(n for n in sys.modules if n == "kernels" or n.startswith("kernels.")):
-        if getattr(sys.modules[name], "__file__", None):
-            log.source(sys.modules[name].__file__)
-    log.write(f"==== environment ====\n{environment_report(device, world)}", echo=False)
-    log.write(f"==== hyperparameters ====\n{json.dumps(dataclasses.asdict(args))}", echo=False)
-    log.write("==== training ====", echo=False)
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    log.write(f"# {device_name(device)} x{world}  params {n_params / 1e6:.2f}M  dtype {amp_dtype or torch.float32}  "
-              f"compile {use_compile}  kernels {kernels is not None and args.kernels}  micro-batch "
-              f"{args.device_batch_size} x {args.seq_len} x accumulation {accum}  log {log.path}")
-    if hasattr(raw_model, "describe"):  # an idea's own start-up facts (its extra FLOPs, its cache size)
-        log.write(f"# {raw_model.describe()}")
-
-    state = dict(train_time=0.0, val_time=0.0, best_val_loss=float("inf"), final_val_loss=None,
-                 time_to_target=None, checkpoints=[])  # checkpoints: [step, path] pairs
-    start_step = 0
-    if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        for opt, opt_state in zip(optimizers, ckpt["optimizers"]):
-            opt.load_state_dict(opt_state)
-        scaler.load_state_dict(ckpt["scaler"])
-        train_loader.load_state_dict(ckpt["loader"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        state.update(ckpt["state"])
-        start_step = ckpt["step"]
-        log.write(f"# resumed from {args.resume} at step {start_step}")
-    elif use_compile:  # compile outside the timed run: a few real steps, then weights and optimizers reset
-        t_compile = time.perf_counter()
-        initial = [{k: v.detach().clone() for k, v in raw_model.state_dict().items()}, scaler.state_dict()]
-        initial += [o.state_dict() for o in optimizers]
-        for step in range(3):
-            train_step(step)
-        raw_model.load_state_dict(initial[0])
-        scaler.load_state_dict(initial[1])
-        for opt, opt_state in zip(optimizers, initial[2:]):
-            opt.load_state_dict(opt_state)
-        train_loader.load_state_dict({"shard": 0, "offset": 0})
-        state["compile_warmup"] = time.perf_counter() - t_compile
-        log.write(f"# compile warm-up: 3 steps in {state['compile_warmup']:.1f}s, excluded from train_time; "
-                  f"weights, optimizers and data reset")
-
-    def save_checkpoint(step):
-        path = os.path.join(args.log_dir, run_id, f"ckpt_step{step:06d}.pt")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if os.path.exists(path):
-            raise SystemExit(f"error: {path} exists; checkpoints are never overwritten")
-        rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)
-        torch.save(dict(script=os.path.basename(script_path), model_config=dataclasses.asdict(raw_model.config),
-                        args=dataclasses.asdict(args), model=raw_model.state_dict(), step=step, rng=rng,
-                        optimizers=[o.state_dict() for o in optimizers], scaler=scaler.state_dict(),
-                        loader=train_loader.state_dict(), state=state), path + ".tmp")
-        os.replace(path + ".tmp", path)  # never half-written
-        state["checkpoints"].append([step, path])
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    stopped, diverged, step, t0 = None, False, start_step, time.perf_counter()
-    for step in range(start_step, args.num_iterations + 1):
-        elapsed = state["train_time"] + time.perf_counter() - t0
-        if args.time_budget_s > 0 and world > 1:  # every rank must take the same LR and stop at the same step
-            elapsed_t = torch.tensor(elapsed, device=device)
-            dist.all_reduce(elapsed_t, op=dist.ReduceOp.MAX)
-            elapsed = elapsed_t.item()
-        last = step == args.num_iterations or 0 < args.time_budget_s <= elapsed
-        validate = last or (args.val_every > 0 and step % args.val_every == 0)
-        save = args.save_every > 0 and step > 0 and (last or step % args.save_every == 0)
-        if (validate or save) and (step > start_step or ckpt is None):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if step > start_step:  # the clock stops for validation and checkpoints
-                state["train_time"] += time.perf_counter() - t0
-            if validate:
-                t_val = time.perf_counter()
-                val_loss = evaluate()
-                state["best_val_loss"] = min(state["best_val_loss"], val_loss)
-                state["final_val_loss"] = val_loss
-                if val_loss <= args.target_val_loss and state["time_to_target"] is None:
-                    state["time_to_target"] = state["train_time"]
-                    stopped = f"target {args.target_val_loss} reached at step {step}" if args.stop_at_target else None
-                log.write(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} "
-                          f"train_time:{state['train_time'] * 1000:.0f}ms")
-                state["val_time"] += time.perf_counter() - t_val
-            if master and (save or stopped and args.save_every > 0):
-                save_checkpoint(step)
-            t0 = time.perf_counter()
-        if last or stopped:
-            break
-        train_loss = train_step(step, elapsed)
-        if not math.isfinite(train_loss):  # the weights after `step` updates are bad: so is a checkpoint of them
-            state["checkpoints"] = [c for c in state["checkpoints"] if c[0] < step]
-            stopped, diverged = f"train_loss is {train_loss} at step {step + 1}", True
-            log.write(f"error: {stopped}; stopping. Last good checkpoint: "
-                      f"{state['checkpoints'][-1][1] if state['checkpoints'] else 'none (set --save_every)'}; "
-                      "resume from it with a lower LR")
-            break
-        now = state["train_time"] + time.perf_counter() - t0
-        step_ms, kilo_tok_per_s = 1000 * now / (step + 1), args.batch_tokens * (step + 1) / now / 1000
-        eta = (args.num_iterations - step - 1) * step_ms / 1000
-        eta = min(eta, args.time_budget_s - now) if args.time_budget_s > 0 else eta
-        log.write(f"step:{step + 1}/{args.num_iterations} train_loss:{train_loss:.4f} train_time:{now * 1000:.0f}ms "
-                  f"step_avg:{step_ms:.1f}ms tok/s:{kilo_tok_per_s:.{0 if kilo_tok_per_s >= 100 else 1}f}k "
-                  f"eta:{format_seconds(max(0.0, eta))}")
-
-    peak_gb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9  # CPU: peak RSS
-    summary = dict(script=os.path.basename(script_path), script_sha256=script_sha, target_val_loss=args.target_val_loss,
-                   val_tokens=args.val_tokens, best_val_loss=state["best_val_loss"],
-                   final_val_loss=state["final_val_loss"], reached=state["time_to_target"] is not None,
-                   time_to_target_s=state["time_to_target"], train_time_s=state["train_time"],
-                   tokens_seen=step * args.batch_tokens, steps=step, peak_mem_gb=round(peak_gb, 3),
-                   device=device_name(device), world_size=world, run_id=run_id,
-                   compile_warmup_s=state.get("compile_warmup"), val_time_s=state["val_time"],
-                   stopped=stopped, last_checkpoint=state["checkpoints"][-1][1] if state["checkpoints"] else None)
-    log.write(json.dumps({"summary": summary}))
-    if world > 1:
-        dist.destroy_process_group()
-    if diverged:
-        raise SystemExit(f"error: stopped: {stopped}; last good checkpoint: {summary['last_checkpoint']}")
-    return summary
+    """Set-up, the training loop, the summary."""
+    with errors_from_rank_zero():
+        run = setup(sys.argv[1:] if argv is None else list(argv))
+        steps = train_loop(run)
+        return finish(run, steps)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ so the output is exactly symmetric. Inputs bf16 (what Muon uses) or fp16/fp32; f
 import torch
 from torch import Tensor
 
-from ._dispatch import HAS_TRITON, INTERPRET, use_triton
+from ._dispatch import HAS_TRITON, INTERPRET, configs_pinned, use_triton
 
 if HAS_TRITON:
     import triton
@@ -63,6 +63,8 @@ if HAS_TRITON:
                  mask=in_bounds & (rows_i[:, None] < rows_j[None, :]))
 
     # On a GPU the tile shape is autotuned per (M, K, dtype); the interpreter uses one small tile.
+    # the first autotune candidate, used as it is when configs are pinned (kernels.pin_configs)
+    PINNED_CONFIG = dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=4)
     _xxt_kernel_autotuned = triton.autotune(
         configs=[
             triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -92,6 +94,9 @@ def _xxt_op(x: Tensor) -> Tensor:
         grid = (triton.cdiv(m, block_m), triton.cdiv(m, block_m), n_batch)
         _xxt_kernel[grid](*args, BLOCK_M=block_m, BLOCK_K=32, INPUT_PRECISION=precision,
                           UPCAST_OPERANDS=True)
+    elif configs_pinned():  # several ranks: one fixed tile config, so every rank's update is identical
+        grid = (triton.cdiv(m, PINNED_CONFIG["BLOCK_M"]), triton.cdiv(m, PINNED_CONFIG["BLOCK_M"]), n_batch)
+        _xxt_kernel[grid](*args, INPUT_PRECISION=precision, UPCAST_OPERANDS=False, **PINNED_CONFIG)
     else:
         def grid(meta):
             tiles = triton.cdiv(m, meta["BLOCK_M"])

@@ -11,7 +11,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"  # offline proxy data (see README)
 SCRIPTS = sorted(ROOT.glob("train_gpt2*.py"))  # every idea script is covered as soon as it exists
 SECTION_RE = re.compile(r"^# ---- (\w+) ----$", re.M)
 IDEA_MARKER = "    # idea: this script's own fields follow"
-SECTION_ORDER = ["imports", "muon", "model", "data", "hyperparameters", "train"]
+SECTION_ORDER = ["imports", "kernels", "muon", "model", "data", "hyperparameters", "train"]
 
 sys.path.insert(0, str(ROOT / "data"))
 import fineweb  # noqa: E402  (data/fineweb.py: the shard writer the tests use)

@@ -1,17 +1,26 @@
-"""bench.py on CPU: one row per script, FLOPs that match the analytic count, the GPU peak table."""
+"""bench.py on CPU: one row per script, FLOPs that match the analytic count, the GPU peak table, and the plumbing of
+--gpu-check (stages, budgets, the report's files) with an injected runner in place of the GPU."""
 import json
+import subprocess
+import sys
+import tarfile
+import time
 
 import pytest
+import torch
 
-from tests.helpers import ROOT, load_script
+from tests.helpers import ROOT, SCRIPTS, load_script, markov_tokens
 
 bench = load_script(ROOT / "bench.py")
 
 
-def test_tiny_preset_table_on_cpu(capsys):
-    rows = bench.main(["--preset", "tiny", "--steps", "2", "--scripts", str(ROOT / "train_gpt2.py"), "--json"])
+def test_tiny_preset_table_on_cpu(capsys, tmp_path):
+    rows = bench.main(["--preset", "tiny", "--steps", "2", "--scripts", str(ROOT / "train_gpt2.py"), "--json",
+                       "--log_dir", str(tmp_path)])
     (row,) = rows
     assert json.loads(capsys.readouterr().out.strip()) == row  # stdout holds only the JSON
+    (log,) = tmp_path.glob("train_gpt2_*.txt")  # --log_dir keeps the run log
+    assert bench.leaderboard.parse_log(log).summary["steps"] == 2
     L, C, T, V = 2, 64, 64, 50304  # the tiny preset
     blocks = L * 12 * C * C
     assert row["params_m"] * 1e6 == 2 * V * C + blocks and row["active_params_m"] * 1e6 == V * C + blocks
@@ -53,3 +62,197 @@ def test_race_writes_a_checkable_proxy_record(shards, tmp_path):
     assert "_Smoke" in (tmp_path / "README.md").read_text()  # the records table was refreshed
     with pytest.raises(SystemExit, match="never overwritten"):
         bench.race([], [], 0.01, folder.name.split("_", 1)[1], tmp_path, "")
+
+
+# ---- --gpu-check: the plumbing, on CPU ----
+
+TINY = ["--preset=tiny", "--vocab_size=256", "--n_layer=2", "--n_head=2", "--n_embd=64", "--seq_len=32",
+        "--batch_tokens=256", "--device_batch_size=8", "--compile=0"]  # later flags win over the stage's own
+
+
+def make_proxy(directory, n_val=4096):
+    """The race's proxy layout (enwiki_train_*, owt_val_*), as small learnable synthetic shards."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tokens = markov_tokens(40_000 + n_val)
+    bench.fineweb.write_shard(str(directory / "owt_val_000000.bin"), tokens[:n_val])
+    bench.fineweb.write_shard(str(directory / "enwiki_train_000001.bin"), tokens[n_val:])
+    return directory
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="3">
+<testcase classname="tests.test_gpu" name="test_sdpa_backend[train_gpt2.py]" time="1.5"><properties>
+<property name="flash only" value="runs"/><property name="default backend" value="flash"/></properties></testcase>
+<testcase classname="tests.test_gpu" name="test_xxt_kernel[48x768x768]" time="2.0">
+<failure message="AssertionError: value: relative error 0.5 &gt; 0.01">trace</failure></testcase>
+<testcase classname="tests.test_gpu" name="test_fp16_trains_with_grad_scaler[kernels1]" time="0.0">
+<skipped message="needs a CUDA GPU"/></testcase></testsuite></testsuites>"""
+
+
+class FakeRunner:
+    """Stands in for run_logged: leaves behind what each kind of command would (pytest's xml, bench's JSON row) and
+    advances a fake clock by `seconds` per command; race commands run for real (tiny, on CPU) when real_race."""
+
+    def __init__(self, seconds=10.0, real_race=False):
+        self.seconds, self.real_race, self.now, self.calls = seconds, real_race, 0.0, []
+
+    def clock(self):
+        return self.now
+
+    def __call__(self, cmd, log_path, timeout_s, env):
+        cmd = [str(c) for c in cmd]
+        self.calls.append(dict(cmd=cmd, timeout_s=timeout_s, env=env))
+        if cmd[1:3] == ["-m", "pytest"]:
+            junit = next(c for c in cmd if c.startswith("--junitxml=")).split("=", 1)[1]
+            open(junit, "w").write(JUNIT)
+            log_path.write_text("tests/test_gpu.py::test_sdpa_backend[train_gpt2.py] PASSED\n")
+        elif cmd[1].endswith("bench.py"):
+            script = cmd[cmd.index("--scripts") + 1].rsplit("/", 1)[-1]
+            faster = 1.1 if "kernels=1" in cmd else 1.0
+            row = dict(script=script, params_m=162.2, active_params_m=123.6, tokens_per_s=1e6 * faster,
+                       ms_per_step=524.3 / faster, gflops_per_token=0.855, mfu=0.4 * faster, peak_mem_gb=20.0 / faster,
+                       compile_s=50.0, device="NVIDIA H100 80GB HBM3", world_size=1, batch_tokens=524288, seq_len=1024)
+            log_path.write_text("step:1/10 train_loss:10.8 ...\n" + json.dumps(row) + "\n")
+        elif self.real_race:
+            return bench.run_logged(cmd, log_path, timeout_s, env)
+        self.now += self.seconds
+        return 0, self.seconds, False
+
+
+def test_gpu_check_writes_every_stage_into_one_folder(tmp_path):
+    out, runner = tmp_path / "out", FakeRunner(real_race=True)
+    o = bench.CheckOptions(scripts=[ROOT / "train_gpt2.py", ROOT / "train_gpt2_mla.py"], flags=TINY, minutes=0.05,
+                           val_every=5, val_tokens=2048, proxy_dir=make_proxy(tmp_path / "proxy"))
+    results = bench.gpu_check("all", out, o, runner=runner, clock=runner.clock)
+    files = {p.name for p in out.iterdir()}
+    assert {p for p in files if not p.startswith("race_plot")} == {
+        "environment.txt", *(f"{s}{ext}" for s in bench.STAGES for ext in (".json", ".md", "_logs.tar.gz"))}
+    assert all(p.is_file() for p in out.iterdir())  # the raw logs are packed: each stage leaves at most 5 files
+    assert "torch " + torch.__version__ in (out / "environment.txt").read_text()
+
+    tests = json.loads((out / "tests.json").read_text())
+    assert tests == json.loads(json.dumps(results["tests"]))
+    assert tests["counts"] == dict(passed=1, failed=1, error=0, skipped=1)
+    assert tests["tests"][0]["figures"] == {"flash only": "runs", "default backend": "flash"}
+    assert tests["problems"][:2] == ["test test_xxt_kernel[48x768x768] failed",
+                                     "1 test(s) skipped on the GPU machine"]
+    md = (out / "tests.md").read_text()
+    assert "| test_sdpa_backend[train_gpt2.py] | passed | 1.5 | flash only = runs; default backend = flash |" in md
+    assert "relative error 0.5 > 0.01" in md
+    pytest_call = runner.calls[0]
+    assert pytest_call["cmd"][3:7] == ["-m", "gpu", "tests/test_gpu.py", "-v"] and \
+        pytest_call["env"]["TRITON_INTERPRET"] == "0"
+    with tarfile.open(out / "tests_logs.tar.gz") as tar:
+        assert {"tests_logs/junit.xml", "tests_logs/pytest.txt"} <= set(tar.getnames())
+
+    bench_result = json.loads((out / "bench.json").read_text())
+    assert [r["label"] for r in bench_result["runs"]] == [
+        "train_gpt2.py --kernels=0", "train_gpt2_mla.py --kernels=0",
+        "train_gpt2.py --kernels=1", "train_gpt2_mla.py --kernels=1"]  # the plain table first
+    assert all(r["status"] == "ok" and r["row"]["tokens_per_s"] > 0 for r in bench_result["runs"])
+    assert bench_result["problems"] == [] and "= 300 s <= 450 s" in bench_result["plan"]
+    md = (out / "bench.md").read_text()
+    assert "| train_gpt2_mla.py --kernels=1 | 162.2M / 123.6M | 1,100,000 |" in md
+    assert "- train_gpt2.py: tokens/s x1.100, peak memory 20.00 -> 18.18 GB" in md
+    bench_cmd = runner.calls[1]["cmd"]
+    assert bench_cmd[bench_cmd.index("--set") + 1:][:2] == ["compile=1", "kernels=0"]
+
+    race = json.loads((out / "race.json").read_text())
+    assert race["minutes"] == 0.05
+    assert race["problems"] == [] and all(r["status"] == "ok" for r in race["runs"])
+    assert all(r["summary"]["steps"] > 1 and r["summary"]["final_val_loss"] < 5.5 for r in race["runs"])
+    md = (out / "race.md").read_text()
+    assert "| train_gpt2.py |" in md and "| train_gpt2_mla.py |" in md and "never a FineWeb result" in md
+    with tarfile.open(out / "race_logs.tar.gz") as tar:
+        names = tar.getnames()
+    assert "race_logs/train_gpt2.console.txt" in names
+    assert any(n.startswith("race_logs/train_gpt2_mla/train_gpt2_mla_") and n.endswith(".txt") for n in names)
+    with pytest.raises(SystemExit, match="never overwritten"):  # a second run into the same folder
+        bench.gpu_check("bench", out, o, runner=runner, clock=runner.clock)
+
+
+def test_a_stage_runs_only_what_fits_its_budget(tmp_path):
+    """Each command gets what is left of the budget as its time limit; one that no longer fits is skipped, so the
+    stage ends inside its budget whatever the machine's speed."""
+    runner = FakeRunner(seconds=100.0)
+    o = bench.CheckOptions(scripts=SCRIPTS[:3], budget_s=250.0)
+    result = bench.gpu_check("bench", tmp_path, o, runner=runner, clock=runner.clock)["bench"]
+    statuses = [r["status"] for r in result["runs"]]
+    assert statuses[:2] == ["ok", "ok"] and all(s.startswith("skipped: 20 s left") for s in statuses[2:])
+    assert [c["timeout_s"] for c in runner.calls] == [250 - bench.STOP_GRACE_S, 150 - bench.STOP_GRACE_S]
+    assert result["wall_s"] == 200.0 <= o.budget_s and len(result["problems"]) == len(statuses) - 2
+    assert "Not measured:" in (tmp_path / "bench.md").read_text()
+
+
+def test_time_budget_arithmetic():
+    # A stage's commands share its budget less the grace a stopped command gets: 480 s - 30 s = 450 s, and the stage
+    # ends inside a 10-minute device command with a minute and a half to spare for start-up and packing.
+    usable = bench.STAGE_BUDGET_S - bench.STOP_GRACE_S
+    assert (usable, bench.STAGE_BUDGET_S) == (450, 480) and bench.STAGE_BUDGET_S <= 600 - 90
+    # race: 3 scripts x (0.75 min of training + 100 s of start-up, compile and validation) = 435 s <= 450 s
+    assert bench.race_minutes(3) == 0.75 and 3 * (45 + bench.RACE_OVERHEAD_S) <= usable
+    assert bench.race_minutes(1) == 5.75 and bench.race_minutes(2) == 2.0  # quarter minutes, rounded down
+    with pytest.raises(SystemExit, match="race them in groups"):
+        bench.race_minutes(4)
+    # bench: 3 scripts x 2 settings x 75 s = 450 s
+    assert 3 * 2 * bench.BENCH_RUN_S <= usable
+    _, note, _ = bench.plan_bench(ROOT, bench.CheckOptions(scripts=SCRIPTS[:1] * 4))
+    assert note.endswith("= 600 s > 450 s: the last runs will be skipped; split them with --scripts")
+
+
+def test_race_without_proxy_shards_gives_the_recipe(tmp_path, capsys):
+    o = bench.CheckOptions(scripts=SCRIPTS, proxy_dir=tmp_path / "proxy")
+    with pytest.raises(SystemExit) as e:
+        bench.gpu_check("all", tmp_path / "out", o, runner=FakeRunner())
+    message = str(e.value)
+    assert "enwiki_train_*.bin and owt_val_*.bin; found 0 and 0" in message and 'carry=["data/proxy"]' in message
+    assert "--prefix enwiki" in message and "--max-tokens 20000000" in message and "--prefix owt" in message
+    assert not (tmp_path / "out").exists()  # nothing ran: the error comes before any GPU time
+    # every flag of the recipe is one data/fineweb.py takes
+    with pytest.raises(SystemExit):
+        bench.fineweb.main(["--help"])
+    usage = capsys.readouterr().out
+    for flag in {w for w in bench.PROXY_RECIPE.split() if w.startswith("--")}:
+        assert flag in usage, flag
+    make_proxy(tmp_path / "small", n_val=1000)  # a val set smaller than --val_tokens
+    with pytest.raises(SystemExit, match="holds 1,000 tokens, fewer than --val_tokens=1048576"):
+        bench.proxy_shards(tmp_path / "small")
+
+
+def test_gpu_check_without_cuda_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--gpu-check", "tests", "--out", str(tmp_path / "out")])
+    assert str(e.value).startswith("error: --gpu-check needs a CUDA GPU") and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_logged_stops_a_command_at_its_time_limit(tmp_path):
+    rc, seconds, timed_out = bench.run_logged([sys.executable, "-c", "print('hello')"], tmp_path / "a.txt", 60)
+    assert (rc, timed_out) == (0, False) and (tmp_path / "a.txt").read_text().endswith("hello\n")
+    sleeper = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
+    t0 = time.monotonic()
+    rc, seconds, timed_out = bench.run_logged(sleeper, tmp_path / "b.txt", 3, grace_s=5)
+    assert timed_out and rc != 0 and time.monotonic() - t0 < 20  # SIGINT ended it, well before its minute
+    assert (tmp_path / "b.txt").read_text().startswith("$ ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine the GPU tests run rather than skip")
+def test_gpu_tests_are_collected_and_skip_on_cpu(tmp_path):
+    collected = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q",
+                                "tests/test_gpu.py", "-p", "no:cacheprovider"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    assert "PytestUnknownMarkWarning" not in collected.stdout + collected.stderr  # pytest.ini registers `gpu`
+    names = [line for line in collected.stdout.splitlines() if line.startswith("tests/test_gpu.py::")]
+    for kind in ("softcap_cross_entropy_kernel", "linear_softcap_cross_entropy_kernel", "xxt_kernel",
+                 "fused_linear_cross_entropy_memory", "fused_adamw", "fp16", "compile_warmup"):
+        assert any(kind in name for name in names), kind
+    assert sum("sdpa_backend" in name for name in names) == len(SCRIPTS)  # every script's attention
+    # The tests stage's own pytest command, for real: on CPU every test is a skip, not an error, and the report
+    # is read from pytest's xml.
+    o = bench.CheckOptions(scripts=SCRIPTS)
+    tests = bench.gpu_check("tests", tmp_path, o, runner=bench.run_logged)["tests"]
+    assert tests["commands"][0]["status"] == "ok", (tmp_path / "tests.md").read_text()
+    assert tests["counts"] == dict(passed=0, failed=0, error=0, skipped=len(names))
+    assert tests["problems"] == [f"{len(names)} test(s) skipped on the GPU machine"]
+    assert "needs a CUDA GPU" in tests["tests"][0]["message"]

@@ -49,6 +49,29 @@ def test_bad_flags_are_errors_that_say_what_is_valid(script, argv, message):
         script.parse_args(argv)
 
 
+@pytest.mark.parametrize("flag, message", [
+    ("--dtype=int8", r"--dtype=int8: expected auto, bf16, fp16 or fp32"),
+    ("--dtype=bfloat16", r"--dtype=bfloat16: expected auto, bf16, fp16 or fp32"),
+    ("--device_batch_size=0", r"--device_batch_size=0: expected an integer >= 1, or auto"),
+    ("--device_batch_size=-2", r"--device_batch_size=-2: expected an integer >= 1, or auto"),
+    ("--seq_len=0", r"--seq_len=0: expected an integer >= 1"),
+    ("--batch_tokens=0", r"--batch_tokens=0: expected an integer >= 1"),
+    ("--val_tokens=0", r"--val_tokens=0: expected an integer >= 1"),
+    ("--n_head=5", r"--n_head=5: must divide --n_embd=768 into an even head size; choose one of 1, 2, 3, 4, 6, 8"),
+    ("--num_iterations=-5", r"--num_iterations=-5: expected an integer >= 1"),
+    ("--cooldown_frac=2", r"--cooldown_frac=2.0: expected a number in \[0, 1\]"),
+    ("--val_every=-1", r"--val_every=-1: expected an integer >= 0"),
+    ("--time_budget_s=-1", r"--time_budget_s=-1.0: expected a number of seconds >= 0"),
+    ("--compile=2", r"--compile=2: expected 0, 1 or auto"),
+    ("--muon_lr=nan", r"--muon_lr=nan: expected a number >= 0"),
+    ("--adam_beta2=1", r"--adam_beta2=1.0: expected a number in \[0, 1\)"),
+    ("--logit_softcap=0", r"--logit_softcap=0.0: expected a number > 0"),
+])
+def test_out_of_range_values_name_the_flag_the_value_and_the_range(script, flag, message):
+    with pytest.raises(SystemExit, match=message):
+        script.parse_args([flag])
+
+
 def test_help_lists_every_flag_with_its_default(script, capsys):
     with pytest.raises(SystemExit) as exit_info:
         script.parse_args(["--help"])
@@ -58,6 +81,8 @@ def test_help_lists_every_flag_with_its_default(script, capsys):
         default = int(f.default) if isinstance(f.default, bool) else f.default  # booleans are given as 0/1
         assert f"--{f.name}={default}" in out
     assert "tokens per optimizer step" in out  # the field comments are the help text
+    assert "tiny: train_files=data/sample/sample_train_*.bin " in out and "n_layer=2" in out  # what each preset sets
+    assert "bottlecap: target_val_loss=3.3821 val_tokens=1048576 stop_at_target=1" in out
 
 
 def test_readme_flag_table_lists_every_baseline_flag():

@@ -1,4 +1,5 @@
-"""data/fineweb.py: text -> shards -> text round trip, and the download path against a stand-in hub on 127.0.0.1."""
+"""data/fineweb.py: text -> shards -> text round trip; bad input is one clear error that leaves no shards behind;
+the download path against a stand-in hub on 127.0.0.1."""
 import gzip
 import http.server
 import json
@@ -86,6 +87,211 @@ def test_cli_on_the_real_proxy_validation_text(tmp_path, gpt2):
     with lzma.open(src, "rt", encoding="utf-8") as f:
         first_docs = [json.loads(next(f))["text"] for _ in range(3)]
     assert decode_docs([str(shard)], gpt2)[:3] == first_docs
+
+
+# ---- bad input: one "error: ..." line naming the file (and line), and nothing left in --out ----
+def write_jsonl(path, lines, opener=open):
+    with opener(path, "wb") as f:
+        f.write(b"".join(line + b"\n" for line in lines))
+
+
+@pytest.mark.parametrize("name", ["latin1.txt", "latin1.jsonl", "latin1.jsonl.gz"])
+def test_non_utf8_bytes_are_named_with_file_and_line(tmp_path, gpt2, name):
+    src = tmp_path / name
+    if name.endswith(".txt"):
+        src.write_bytes("first line\ncafé\n".encode("latin-1"))
+        where = r"latin1\.txt:2: not UTF-8 \(byte 0xe9 at byte offset 14\)"
+    else:
+        write_jsonl(src, [b'{"text": "ok"}', '{"text": "café"}'.encode("latin-1")],
+                    gzip.open if name.endswith(".gz") else open)
+        where = rf"{name.replace('.', '[.]')}:2: not UTF-8 \(byte 0xe9 at column 14\)"
+    with pytest.raises(SystemExit, match=rf"^error: .*{where}; re-encode the file as UTF-8"):
+        fineweb.tokenize_files([str(src)], str(tmp_path / "o"), "p", 0, 100, workers=1)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("value,shown", [("5", "a number (5)"), ("null", "null"), ('["a"]', 'a list (["a"])'),
+                                         ('{"t": 1}', 'an object ({"t": 1})'), ("true", "a boolean (true)")])
+def test_a_text_that_is_not_a_string_is_named(tmp_path, gpt2, value, shown):
+    src = tmp_path / "docs.jsonl"
+    write_jsonl(src, [b'{"text": "fine"}', b'{"text": ' + value.encode() + b"}"])
+    with pytest.raises(SystemExit) as err:
+        fineweb.tokenize_files([str(src)], str(tmp_path / "o"), "p", 0, 100, workers=1)
+    assert str(err.value).startswith(f'error: {src}:2: "text" is {shown}, not a string; each line must be')
+
+
+def compressed_jsonl(tmp_path, suffix, n_docs=300):
+    """A valid .jsonl.xz / .jsonl.gz of documents that barely compress, so half the file holds many lines."""
+    rng = np.random.default_rng(0)
+    lines = [json.dumps({"text": " ".join(map(str, rng.integers(0, 10**9, 20)))}).encode() for _ in range(n_docs)]
+    path = tmp_path / f"docs.jsonl{suffix}"
+    write_jsonl(path, lines, {".xz": lzma.open, ".gz": gzip.open}[suffix])
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".xz", ".gz"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_corrupt_archive_is_named_with_the_line_reached(tmp_path, gpt2, suffix, damage):
+    src = compressed_jsonl(tmp_path, suffix)
+    data = src.read_bytes()
+    src.write_bytes(data[:len(data) // 2] if damage == "truncated" else b"not compressed at all\n" * 20)
+    with pytest.raises(SystemExit) as err:
+        fineweb.tokenize_files([str(src)], str(tmp_path / "o"), "p", 0, 10**6, workers=1)
+    line = int(str(err.value).split(f"{src}:")[1].split(":")[0])
+    assert (line > 100) if damage == "truncated" else (line == 1)  # the line it got to
+    assert f"corrupt or truncated {suffix} data (" in str(err.value)
+    assert f"check it with {'xz' if suffix == '.xz' else 'gzip'} -t" in str(err.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_text_at_all_is_an_error_not_an_empty_success(tmp_path, gpt2):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text(" \n\n")
+    write_jsonl(tmp_path / "blank.jsonl", [b"", b"  ", b'{"text": ""}', b'{"text": "\\n"}'])
+    paths = [str(tmp_path / n) for n in ("empty.txt", "blank.txt", "blank.jsonl")]
+    with pytest.raises(SystemExit, match=r"^error: --from-text: no text in .*empty\.txt, .*blank\.txt, .*blank\.jsonl: "
+                                         "every document is empty or blank, so nothing was written"):
+        fineweb.tokenize_files(paths, str(tmp_path / "o"), "p", None, 100, workers=1)
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_shards_are_found_before_any_tokenizing(tmp_path, gpt2, monkeypatch):
+    src = tmp_path / "a.txt"
+    src.write_text("some text")
+    out = tmp_path / "o"
+    out.mkdir()
+    fineweb.write_shard(str(out / "p_val_000000.bin"), [fineweb.EOT, 1, 2])
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("tokenizing started")
+    with monkeypatch.context() as m:
+        m.setattr(fineweb.multiprocessing, "get_context", no_pool)
+        with pytest.raises(SystemExit, match=r"p_val_000000\.bin exists; shards are never overwritten"):
+            fineweb.tokenize_files([str(src)], str(out), "p", 10, 100, workers=1)
+    # a run that cannot write val shards (--val-tokens 0) may add train shards beside them, as before
+    written = fineweb.tokenize_files([str(src)], str(out), "p", 0, 100, workers=1)
+    assert written == {"val": [], "train": [str(out / "p_train_000001.bin")]}
+    assert sorted(os.listdir(out)) == ["p_train_000001.bin", "p_val_000000.bin"]
+
+
+def recording_write_shard(monkeypatch, interrupt_at=None):
+    """Wrap fineweb.write_shard (the parent writes every shard) to record its paths; interrupt_at=n: the n-th call
+    leaves a half-written .tmp and raises KeyboardInterrupt, like a Ctrl-C during the write."""
+    written, real = [], fineweb.write_shard
+
+    def write_shard(path, tokens):
+        if len(written) + 1 == interrupt_at:
+            with open(path + ".tmp", "wb") as f:
+                f.write(b"half")
+            raise KeyboardInterrupt
+        real(path, tokens)
+        written.append(os.path.basename(path))
+    monkeypatch.setattr(fineweb, "write_shard", write_shard)
+    return written
+
+
+def test_a_failed_run_removes_every_shard_it_wrote(tmp_path, gpt2, monkeypatch):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "other_train_000001.bin").write_bytes(b"not ours")
+    src = tmp_path / "docs.jsonl"
+    write_jsonl(src, [json.dumps({"text": f"document number {i} of many"}).encode() for i in range(200)] + [b"{oops"])
+    written = recording_write_shard(monkeypatch)
+    with pytest.raises(SystemExit, match=r"docs\.jsonl:201: not a JSON object"):
+        fineweb.tokenize_files([str(src)], str(out), "p", 50, 40, workers=2)
+    assert "p_val_000000.bin" in written and "p_train_000001.bin" in written  # val and train shards were written...
+    assert os.listdir(out) == ["other_train_000001.bin"]  # ...and removed again; other files are untouched
+
+    written = recording_write_shard(monkeypatch, interrupt_at=3)  # Ctrl-C while writing the third shard
+    with pytest.raises(KeyboardInterrupt):
+        fineweb.tokenize_files([str(src)], str(out), "p", 50, 40, workers=1)
+    assert written == ["p_val_000000.bin", "p_train_000001.bin"] and os.listdir(out) == ["other_train_000001.bin"]
+    recording_write_shard(monkeypatch, interrupt_at=3)
+    assert fineweb.main(["--from-text", str(src), "--out", str(tmp_path / "new"), "--val-tokens", "50",
+                         "--shard-tokens", "40", "--workers", "1"]) == 130  # the command line: exit status 130
+    assert not (tmp_path / "new").exists()  # the folder it made is gone too
+
+
+@pytest.fixture
+def no_bpe_files(tmp_path, monkeypatch):
+    """No GPT-2 BPE files anywhere and no network: TIKTOKEN_CACHE_DIR is an empty folder, the shared cache and
+    tiktoken's default cache are hidden, nothing is loaded yet, and downloads fail at once (a dead proxy)."""
+    import tempfile
+    empty = tmp_path / "empty_cache"
+    empty.mkdir()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(empty))
+    monkeypatch.setattr(fineweb, "TIKTOKEN_CACHE", tmp_path / "no_shared_cache")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # tiktoken's default cache: <tempdir>/data-gym-cache
+    monkeypatch.setattr(fineweb, "_encoding", None)
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # the discard port: connection refused, no waiting
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    return empty
+
+
+BPE_FIX = "set TIKTOKEN_CACHE_DIR to a folder holding the GPT-2 BPE files"
+
+
+@pytest.mark.timeout(60)
+def test_missing_bpe_files_are_a_clear_error(tmp_path, no_bpe_files, monkeypatch):
+    import sample
+    src = tmp_path / "a.txt"
+    src.write_text("some text")
+    with pytest.raises(SystemExit) as err:
+        fineweb.tokenize_files([str(src)], str(tmp_path / "o"), "p", 0, 100, workers=1)
+    assert str(err.value).startswith(f"error: tiktoken cannot load the GPT-2 BPE files: they are not in "
+                                     f"TIKTOKEN_CACHE_DIR={no_bpe_files}, and downloading them failed; {BPE_FIX}")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit, match=BPE_FIX):
+        sample.gpt2_encoding()  # sample.py uses the same loader
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR")
+    with pytest.raises(SystemExit, match=f"TIKTOKEN_CACHE_DIR is unset and .*no_shared_cache does not exist.*"
+                                         f"{BPE_FIX}"):
+        fineweb.gpt2_encoding()
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data (the offline proxy data) is not present")
+def test_the_shared_bpe_cache_beside_the_repo_is_found(monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "unset below; restored (or removed) after the test")
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR")
+    monkeypatch.setattr(fineweb, "_encoding", None)
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    assert fineweb.TIKTOKEN_CACHE == SHARED_DATA / "tiktoken_cache"
+    assert fineweb.gpt2_encoding().encode_ordinary("hello world") == [31373, 995]
+    assert os.environ["TIKTOKEN_CACHE_DIR"] == str(SHARED_DATA / "tiktoken_cache")  # the workers inherit it
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_cannot_load_the_encoding_is_reported_once_without_hanging(tmp_path, gpt2, no_bpe_files,
+                                                                                monkeypatch, capfd):
+    monkeypatch.setattr(fineweb, "_encoding", gpt2)  # the parent has it; the spawned workers find no BPE files
+    src = tmp_path / "docs.jsonl"
+    write_jsonl(src, [json.dumps({"text": f"document {i}"}).encode() for i in range(100)])
+    with pytest.raises(SystemExit, match=f"^error: tiktoken cannot load the GPT-2 BPE files: .*{BPE_FIX}"):
+        fineweb.tokenize_files([str(src)], str(tmp_path / "o"), "p", 0, 100, workers=2)
+    assert not (tmp_path / "o").exists() and "Traceback" not in capfd.readouterr().err  # workers print nothing
+
+
+@pytest.mark.timeout(60)
+def test_cli_errors_are_one_line(tmp_path, gpt2):
+    src = tmp_path / "docs.jsonl"
+    write_jsonl(src, [b'{"text": "ok"}', b'{"text": 5}'])
+    env = dict(os.environ)
+    cmd = [sys.executable, str(ROOT / "data" / "fineweb.py"), "--from-text", str(src), "--out", str(tmp_path / "o"),
+           "--workers", "1"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    last = run.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert run.returncode == 1 and last == (f'error: {src}:2: "text" is a number (5), not a string; each line must '
+                                            'be a JSON object {"text": "<the document>"}'), run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "o").exists()
+    empty = tmp_path / "empty_cache"
+    empty.mkdir()
+    env.update(TIKTOKEN_CACHE_DIR=str(empty), HTTPS_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
+               NO_PROXY="", no_proxy="")
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 1 and run.stderr.count("\n") == 1 and BPE_FIX in run.stderr, run.stderr
 
 
 # ---- download, against a stand-in for the Hugging Face hub ----

@@ -270,16 +270,34 @@ def test_xxt_gradient():
 
 # ---- dispatch ----
 
-def test_public_functions_on_cpu_give_reference_numbers():
+def test_public_functions_dispatch_on_cpu():
+    """Off: the reference, exactly. On: Triton in its interpreter under TRITON_INTERPRET=1 (how the tests run the
+    kernels end to end), the same numbers to rounding; allow_interpreter=False keeps CPU tensors on the reference."""
     torch.manual_seed(11)
     logits, x, weight = torch.randn(6, 40), torch.randn(6, 8), torch.randn(40, 8)
     targets = make_targets((6,), 40)
+    want = (kernels.softcap_cross_entropy_reference(logits, targets, 15.0),
+            kernels.linear_softcap_cross_entropy_reference(x, weight, targets, 15.0), x @ x.mT)
+
+    def public():
+        return (kernels.softcap_cross_entropy(logits, targets, 15.0),
+                kernels.linear_softcap_cross_entropy(x, weight, targets, 15.0), kernels.xxt(x))
+
+    kernels.set_enabled(False)
     assert not kernels.use_triton(logits)
-    assert torch.equal(kernels.softcap_cross_entropy(logits, targets, 15.0),
-                       kernels.softcap_cross_entropy_reference(logits, targets, 15.0))
-    assert torch.equal(kernels.linear_softcap_cross_entropy(x, weight, targets, 15.0),
-                       kernels.linear_softcap_cross_entropy_reference(x, weight, targets, 15.0))
-    assert torch.equal(kernels.xxt(x), x @ x.mT)
+    assert all(torch.equal(got, w) for got, w in zip(public(), want))
+    kernels.set_enabled(True)
+    assert kernels.use_triton(logits) == (kernels.HAS_TRITON and INTERPRET)
+    assert not kernels.use_triton(logits, allow_interpreter=False)
+    for got, w in zip(public(), want):
+        assert_close(got, w, 1e-5)
+
+
+def test_kernels_are_off_until_switched_on():
+    """One default, the training scripts' --kernels=0: importing the package does not switch the kernels on."""
+    result = subprocess.run([sys.executable, "-c", "import kernels; assert not kernels.is_enabled()"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.fixture(autouse=True)

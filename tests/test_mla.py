@@ -4,12 +4,14 @@ DeepSeek-V2 section 2.1: keys and values are up-projected from a small per-token
 decoupled rotary key shared by the heads, and decoding caches only (c_kv, rotary key), attending in latent space with
 W_uk absorbed into the query and W_uv applied after attention. The generic tests (test_causality.py, tests/test_model.py,
 test_train.py, ...) cover the script too; these check the MLA specifics: absorbed decoding = the training path, what
-the cache holds, parameters and FLOPs at 124M against the baseline, low-rank queries, a 4096-token context.
+the cache holds, QK-norm of each head's whole key, equal q/k/v widths for SDPA's flash backend, parameters and FLOPs
+at 124M against the baseline, low-rank queries, a 4096-token context.
 """
 import re
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from tests.helpers import ROOT, load_script, read_log, small_args
@@ -68,25 +70,27 @@ def test_absorbed_cached_decoding_matches_the_full_forward(flags):
     assert all(c["c_kv"].size(1) == 20 for c in caches)
 
 
-def test_decoding_never_rebuilds_keys_or_values():
-    """The absorbed path uses W_uk and W_uv only as weights folded into the query and applied after attention:
-    the up-projection modules are never called while decoding (the training path calls them every layer)."""
+def test_decoding_never_rebuilds_cached_keys_or_values():
+    """The absorbed path uses W_uk and W_uv as weights folded into the query and applied after attention. W_uk runs
+    on each new token's latent once, for its per-head key scale; never on the cached latents, and W_uv never runs
+    (the training path calls both on every position, every layer)."""
     model = build()
     calls = []
     for block in model.blocks:
-        for lin in (block.attn.k_up, block.attn.v_up):
-            lin.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
+        for name in ("k_up", "v_up"):
+            getattr(block.attn, name).register_forward_hook(lambda m, i, o, n=name: calls.append((n, i[0].size(1))))
     idx = torch.randint(0, VOCAB, (1, 10))
     with torch.no_grad():
         decode_in_pieces(model, idx, [6, 1, 3])
-        assert calls == []
+        assert calls == [("k_up", n) for n in (6, 1, 3) for _ in model.blocks]
+        calls.clear()
         model(idx)
-    assert len(calls) == 2 * len(model.blocks)
+    assert calls == [(n, 10) for _ in model.blocks for n in ("k_up", "v_up")]
 
 
-def test_the_cache_holds_only_the_normalised_latent_and_the_rotary_key():
-    """Per layer: c_kv = RMSNorm(W_dkv x) (B, S, kv_lora_rank) and the rotated, normalised shared key
-    (B, S, rope_head_dim), the very tensors the training path attends with; nothing else."""
+def test_the_cache_holds_only_the_latent_the_rotary_key_and_each_heads_key_scale():
+    """Per layer: c_kv = RMSNorm(W_dkv x) (B, S, kv_lora_rank), the rotated shared key (B, S, rope_head_dim) and
+    1 / rms of each head's whole key [W_uk^h c_kv | k_rope] (B, S, n_head); nothing else."""
     model = build()
     attn_inputs = []
     hooks = [b.attn.register_forward_hook(lambda m, i, o: attn_inputs.append(i[0])) for b in model.blocks]
@@ -102,17 +106,86 @@ def test_the_cache_holds_only_the_normalised_latent_and_the_rotary_key():
     assert (cfg.kv_lora_rank, cfg.rope_head_dim) == (32, 16)  # tiny's auto values: min(4 * 32, 64 / 2), 32 / 2
     for cache, x, block in zip(caches, attn_inputs, model.blocks):
         attn = block.attn
-        assert set(cache) == {"c_kv", "k_rope"}
+        assert set(cache) == {"c_kv", "k_rope", "k_inv_rms"}
         assert cache["c_kv"].shape == (2, 9, cfg.kv_lora_rank) and cache["k_rope"].shape == (2, 9, cfg.rope_head_dim)
-        assert sum(t[0, 0].numel() for t in cache.values()) == cfg.kv_lora_rank + cfg.rope_head_dim  # per token
+        assert cache["k_inv_rms"].shape == (2, 9, cfg.n_head)
+        assert sum(t[0, 0].numel() for t in cache.values()) == cfg.kv_lora_rank + cfg.rope_head_dim + cfg.n_head
         with torch.no_grad():
             c_kv = mla.norm(attn.kv_down(x))
-            k_rope = attn.rotary(mla.norm(attn.k_rope(x)[:, :, None]))[:, :, 0]
+            k_rope = attn.rotary(attn.k_rope(x)[:, :, None])[:, :, 0]
+            k = torch.cat((attn.k_up(c_kv).view(2, 9, cfg.n_head, -1), k_rope[:, :, None].expand(-1, -1, cfg.n_head, -1)),
+                          dim=-1)
         torch.testing.assert_close(cache["c_kv"], c_kv, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(cache["k_rope"], k_rope, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache["k_inv_rms"], k.square().mean(-1).rsqrt(), atol=1e-5, rtol=1e-5)
 
 
-def test_124m_cache_is_288_numbers_per_token_per_layer_vs_the_baseline_1536():
+def attention_calls(model, monkeypatch, idx, backward=False):
+    """Run the training path on idx, recording every call of F.scaled_dot_product_attention: (q, k, v, output)."""
+    calls, sdpa = [], mla.F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        y = sdpa(q, k, v, **kwargs)
+        calls.append((q.detach(), k.detach(), v.detach(), y.detach()))
+        return y
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mla.F, "scaled_dot_product_attention", recording)  # mla.F is torch.nn.functional itself
+        if backward:
+            model(idx, idx).backward()
+        else:
+            with torch.no_grad():
+                model(idx)
+    return calls
+
+
+def test_training_attention_has_equal_qkv_widths_so_flash_can_run(monkeypatch):
+    """SDPA's flash backend (CUDA and CPU alike) needs q, k and v of one head width: v is zero-padded from 32 to
+    the q/k width 32 + 16, and the padded output columns are dropped. On CPU, torch's own flash kernel has the same
+    rule, so the training step also runs with SDPA restricted to it (the unpadded 48/32 widths raised there)."""
+    model = build().train()
+    cfg = model.config
+    idx = torch.randint(0, VOCAB, (2, 16))
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        calls = attention_calls(model, monkeypatch, idx, backward=True)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    D, R = cfg.n_embd // cfg.n_head, cfg.rope_head_dim
+    assert len(calls) == cfg.n_layer
+    for q, k, v, y in calls:
+        assert q.shape == k.shape == v.shape == (2, cfg.n_head, 16, D + R)
+        assert (v[..., D:] == 0).all() and (y[..., D:] == 0).all()  # the padding is wasted work, never output
+        unpadded = torch.nn.functional.scaled_dot_product_attention(q, k, v[..., :D], is_causal=True,
+                                                                    scale=(D + R) ** -0.5)
+        torch.testing.assert_close(y[..., :D], unpadded, atol=1e-5, rtol=1e-5)
+
+
+def test_qk_norm_covers_each_heads_whole_key(monkeypatch):
+    """As in the baseline, every per-head query and key seen by attention has RMS 1 over all D + R channels, and the
+    key is a positive multiple of [W_uk^h c_kv | rotated W_kr x]: one norm over the whole key, not one per half
+    (which would give RMS 1 too, but halves of RMS 1 each)."""
+    model = build()
+    cfg = model.config
+    D = cfg.n_embd // cfg.n_head
+    attn_inputs = []
+    hooks = [b.attn.register_forward_hook(lambda m, i, o: attn_inputs.append(i[0])) for b in model.blocks]
+    idx = torch.randint(0, VOCAB, (2, 16))
+    calls = attention_calls(model, monkeypatch, idx)
+    for h in hooks:
+        h.remove()
+    for (q, k, _, _), x, block in zip(calls, attn_inputs, model.blocks):
+        ones = torch.ones(q.shape[:-1])
+        torch.testing.assert_close(q.square().mean(-1), ones, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(k.square().mean(-1), ones, atol=1e-4, rtol=1e-4)
+        assert (k[..., :D].square().mean(-1) - 1).abs().max() > 0.1  # the no-position half alone is not normalised
+        attn = block.attn
+        with torch.no_grad():
+            k_rope = attn.rotary(attn.k_rope(x)[:, :, None]).expand(-1, -1, cfg.n_head, -1)
+            raw = torch.cat((attn.k_up(mla.norm(attn.kv_down(x))).view(2, 16, cfg.n_head, D), k_rope), dim=-1)
+        cosine = torch.nn.functional.cosine_similarity(k, raw.transpose(1, 2), dim=-1)
+        torch.testing.assert_close(cosine, ones, atol=1e-5, rtol=1e-5)
+
+
+def test_124m_cache_is_300_numbers_per_token_per_layer_vs_the_baseline_1536():
     sizes = {}
     for name, module in (("mla", mla), ("baseline", baseline)):
         model = build_124m(module)
@@ -120,7 +193,7 @@ def test_124m_cache_is_288_numbers_per_token_per_layer_vs_the_baseline_1536():
             _, caches = model.forward_cached(torch.zeros(1, 5, dtype=torch.long))
         assert len(caches) == 12
         sizes[name] = sum(t.numel() for t in caches[0].values()) // 5
-    assert sizes == {"mla": 256 + 32, "baseline": 2 * 768}
+    assert sizes == {"mla": 256 + 32 + 12, "baseline": 2 * 768}  # latent + rotary key + a key scale per head
 
 
 def test_124m_defaults_and_parameter_count_vs_the_baseline():
@@ -153,9 +226,10 @@ def training_flops_per_token(model, seq_len=1024):
 def test_124m_training_flops_within_10_percent_of_the_baseline():
     mla_blocks, mla_total = training_flops_per_token(build_124m(mla))
     base_blocks, base_total = training_flops_per_token(build_124m(baseline))
-    # the analytic numbers in the script's comment: 6 x block params + 6 x L x T x H x (qk width + v width)
+    # the analytic numbers in the script's comment: 6 x block params + 6 x L x T x H x (qk width + v width); MLA's
+    # v is counted at the padded width 96 (what SDPA computes), 28.3M over the 631.7M the unpadded 64 would need
     assert base_blocks == 6 * 84_934_656 + 6 * 12 * 1024 * 12 * (64 + 64)  # 622.9M
-    assert mla_blocks == 6 * 81_690_624 + 6 * 12 * 1024 * 12 * (96 + 64)  # 631.7M
+    assert mla_blocks == 6 * 81_690_624 + 6 * 12 * 1024 * 12 * (96 + 96)  # 660.0M (+6.0%)
     assert abs(mla_blocks / base_blocks - 1) < 0.10 and abs(mla_total / base_total - 1) < 0.10
 
 
@@ -213,5 +287,5 @@ def test_tiny_run_with_low_rank_queries_trains(shards, tmp_path):
 
 def test_cache_size_is_logged_at_start_up(shards, tmp_path):
     summary = mla.main(small_args(*shards, tmp_path, num_iterations=1))
-    assert "\n# MLA: the decoding cache holds 32 + 16 = 48 numbers per token per layer (standard attention: 2 x 64 = 128)" \
-        in (tmp_path / f"{summary['run_id']}.txt").read_text()
+    assert ("\n# MLA: the decoding cache holds 32 + 16 + 2 = 50 numbers per token per layer (latent, rotary key, key"
+            " scale per head; standard attention: 2 x 64 = 128)") in (tmp_path / f"{summary['run_id']}.txt").read_text()

@@ -75,3 +75,36 @@ def test_muon_momentum_warms_up_from_085():
     assert train.muon_momentum(0, args) == pytest.approx(0.85)
     assert train.muon_momentum(150, args) == pytest.approx(0.90)
     assert train.muon_momentum(300, args) == train.muon_momentum(5000, args) == pytest.approx(0.95)
+
+
+def test_muon_stacks_same_shape_matrices_and_keeps_mixed_shapes_apart():
+    """One Muon step over several same-shape matrices (one batched Newton–Schulz) and other shapes equals a Muon step
+    on each matrix alone."""
+    torch.manual_seed(0)
+    shapes = [(32, 16), (32, 16), (32, 16), (16, 48), (8, 8), (16, 48)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    grads = [torch.randn(s) for s in shapes]
+    singles = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    together = train.Muon(params, lr=0.1, momentum=0.9)
+    alone = [train.Muon([p], lr=0.1, momentum=0.9) for p in singles]
+    for _ in range(2):  # twice, so the momentum buffers matter
+        for p, q, g in zip(params, singles, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        together.step()
+        for opt in alone:
+            opt.step()
+    for p, q in zip(params, singles):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_muon_allocates_its_momentum_buffers_once(monkeypatch):
+    params = [torch.nn.Parameter(torch.randn(16, 8)) for _ in range(3)]
+    opt = train.Muon(params)
+    allocations = []
+    zeros_like = torch.zeros_like
+    monkeypatch.setattr(torch, "zeros_like", lambda *a, **k: allocations.append(1) or zeros_like(*a, **k))
+    for _ in range(4):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert len(allocations) == 3
