@@ -1,17 +1,19 @@
 """How fast a step is, per train script: tokens/s, ms/step, MFU and peak memory on this device.
 
     python bench.py                                      every train_gpt2*.py, 124M preset, this device
-    python bench.py --scripts train_gpt2.py train_gpt2_mla.py --seq_len 4096 --device_batch_size 4
+    python bench.py --scripts train_gpt2.py train_gpt2_mla.py --device_batch_tokens 32768
     python bench.py --preset tiny --steps 5 --json       CPU-sized; --json for machines
     python bench.py --race --minutes 5 --train_files 'data/proxy/enwiki_train_*.bin' \\
         --val_files 'data/proxy/owt_val_*.bin'           equal-wall-clock proxy race (records/proxy/)
 
 Each script is measured by running its own main() for --steps optimizer steps on synthetic token shards (uniform
-random GPT-2 ids), so the numbers include everything a real step does: the data loader, gradient accumulation,
-the optimizers, torch.compile (its warm-up is timed separately, as the script logs it). FLOPs per token come from
-torch.utils.flop_counter on one forward+backward at the same shapes (matmuls and attention, the full attention
-matrix as in PaLM's MFU convention; FFTs are not counted); MFU divides model FLOPs/s by the device's dense bf16
-peak from PEAK_TFLOPS below.
+random GPT-2 ids in 1024-token documents), so the numbers include everything a real step does: the data loader,
+gradient accumulation, the optimizers, torch.compile (its warm-up is timed separately, as the script logs it). The
+batch is the last stage's (--batch_stages=1, unless --set says otherwise). FLOPs per token come from
+torch.utils.flop_counter on one forward+backward (matmuls and attention; FFTs are not counted), with attention
+counted as full causal attention over a row as long as the last stage's long window (PaLM's MFU convention over the
+keys a query may see; the short-window layers see fewer); MFU divides model FLOPs/s by the device's dense bf16 peak
+from PEAK_TFLOPS below.
 
     python bench.py --gpu-check tests|bench|race|all [--out DIR]
 
@@ -69,6 +71,8 @@ def model_costs(module, args):
     """(total params, active params, training FLOPs per token) of the script's model at these settings."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    if args.attention == "flex":  # a causal row of the longest window stands for the windowed attention
+        args = dataclasses.replace(args, attention="sdpa", seq_len=int(args.window_blocks.split(",")[-1]) * module.BLOCK)
     with torch.device("meta"):
         model = module.GPT(module.GPTConfig.from_args(args))
         idx = torch.zeros(1, args.seq_len, dtype=torch.long)
@@ -87,17 +91,20 @@ def bench_script(path, flags, steps, workdir, log_dir=None):
     """Run the script's main() for `steps` steps on synthetic shards; return one row of the table. The run log goes
     to log_dir (default: beside the shards in workdir)."""
     module = import_script(path)
+    flags = ["--batch_stages=1"] + flags  # the last stage's batch, unless the flags say otherwise
     args, _ = module.parse_args(flags)
-    n_train = (steps + 1) * args.batch_tokens + args.seq_len + 1  # the compile warm-up rewinds the loader
+    n_train = (steps + 1) * args.batch_tokens + 1  # the compile warm-up rewinds the loader
     shard_dir = Path(workdir) / path.stem
     shard_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    fineweb.write_shard(str(shard_dir / "bench_train_000001.bin"), rng.integers(0, 50257, n_train))
-    fineweb.write_shard(str(shard_dir / "bench_val_000000.bin"), rng.integers(0, 50257, args.seq_len + 1))
+    for name, n in (("bench_train_000001.bin", n_train), ("bench_val_000000.bin", args.batch_tokens + 1)):
+        tokens = rng.integers(0, 50256, n)
+        tokens[::1024] = 50256  # documents of 1024 tokens: all kept under the document cap
+        fineweb.write_shard(str(shard_dir / name), tokens)
     with contextlib.redirect_stdout(sys.stderr):  # the script's own step lines: progress, not results
         summary = module.main(flags + [f"--train_files={shard_dir / 'bench_train_*.bin'}",
                                        f"--val_files={shard_dir / 'bench_val_*.bin'}", f"--num_iterations={steps}",
-                                       "--val_every=0", f"--val_tokens={args.seq_len}",
+                                       "--val_every=0", f"--val_tokens={args.batch_tokens}",
                                        f"--log_dir={log_dir or shard_dir}"])
     total, active, flops_per_token = model_costs(module, args)
     tokens_per_s = summary["tokens_seen"] / summary["train_time_s"]
@@ -107,7 +114,8 @@ def bench_script(path, flags, steps, workdir, log_dir=None):
                 gflops_per_token=flops_per_token / 1e9,
                 mfu=flops_per_token * tokens_per_s / (peak * 1e12) if peak else None,
                 peak_mem_gb=summary["peak_mem_gb"], compile_s=summary["compile_warmup_s"], device=summary["device"],
-                world_size=summary["world_size"], batch_tokens=args.batch_tokens, seq_len=args.seq_len)
+                world_size=summary["world_size"], batch_tokens=args.batch_tokens,
+                micro_batch=args.device_batch_tokens)
 
 
 def format_table(rows):
@@ -523,8 +531,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scripts", nargs="+", default=None, help="train scripts (default: every train_gpt2*.py)")
     p.add_argument("--preset", default="gpt2_124m", help="the scripts' --preset")
-    p.add_argument("--seq_len", type=int, help="override the preset's sequence length")
-    p.add_argument("--device_batch_size", help="sequences per micro-step, or auto")
+    p.add_argument("--device_batch_tokens", help="tokens per micro-step, or auto")
     p.add_argument("--batch_tokens", type=int, help="tokens per optimizer step (default: the preset's)")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per script")
     p.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="more flags for every script")
@@ -547,8 +554,8 @@ def main(argv=None):
     gpu.add_argument("--budget_s", type=float, default=STAGE_BUDGET_S, help="each stage's wall-time budget, seconds")
     a = p.parse_args(argv)
     scripts = [Path(s).resolve() for s in a.scripts] if a.scripts else sorted(ROOT.glob("train_gpt2*.py"))
-    flags = [f"--preset={a.preset}"] + [f"--{k}={v}" for k, v in (("seq_len", a.seq_len),
-             ("device_batch_size", a.device_batch_size), ("batch_tokens", a.batch_tokens)) if v is not None]
+    flags = [f"--preset={a.preset}"] + [f"--{k}={v}" for k, v in (
+             ("device_batch_tokens", a.device_batch_tokens), ("batch_tokens", a.batch_tokens)) if v is not None]
     flags += [f"--{kv}" for kv in a.set]
     if a.gpu_check:
         o = CheckOptions(scripts, flags, a.steps, a.minutes, a.val_every or 10, a.val_tokens, a.budget_s)
@@ -572,7 +579,7 @@ def main(argv=None):
             print(json.dumps(row))
     else:
         print(f"\n{rows[0]['device']} x{rows[0]['world_size']}, torch {torch.__version__}, {a.preset} preset, "
-              f"{rows[0]['batch_tokens']} tokens/step, seq_len {rows[0]['seq_len']}, {a.steps} steps; "
+              f"{rows[0]['batch_tokens']} tokens/step, micro-batch {rows[0]['micro_batch']} tokens, {a.steps} steps; "
               f"flags: {' '.join(flags)}\n")
         print(format_table(rows))
     return rows

@@ -7,9 +7,10 @@
 A checkpoint names the script that wrote it and its model config: the model class is imported from that script
 (importing a train script never trains; --script overrides which file). Decoding uses the model's KV cache when
 it has one (`GPT.forward_cached`: the baseline's keys/values, MLA's latent cache, ...) and a full forward over the
-context otherwise; both give the same tokens (tests/test_sample.py). Positions are limited to the model's seq_len
-(its rotary tables): once the context is longer, every step recomputes over the last seq_len tokens, a sliding
-window, with or without a cache. Text is GPT-2 BPE (tiktoken); ids of the padded vocabulary (>= 50257) are never
+context otherwise; both give the same tokens (tests/test_sample.py). The cache respects the model's document masks
+(a document starts at each <|endoftext|>) and its attention windows. The context is limited to the model's seq_len
+(the longest stream it trained on): once the context is longer, every step recomputes over the last seq_len tokens,
+a sliding window, with or without a cache. Text is GPT-2 BPE (tiktoken); ids of the padded vocabulary (>= 50257) are never
 sampled, and a sample ends at <|endoftext|>. Checkpoints are pickles: load only ones you trust.
 """
 import argparse
@@ -140,7 +141,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     done = [False] * idx.size(0)
     caches = None
     for _ in range(max_new_tokens):
-        if use_cache and idx.size(1) <= seq_len:  # every position still has a rotary angle: extend the cache
+        if use_cache and idx.size(1) <= seq_len:  # the context still fits what the model trained on: extend the cache
             logits, caches = model.forward_cached(idx if caches is None else idx[:, -1:], caches)
         else:  # no cache, or the context outgrew seq_len: recompute over the last seq_len tokens
             logits = model(idx[:, -seq_len:])

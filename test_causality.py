@@ -12,19 +12,13 @@ shown to fail on a deliberately leaky variant.
 import pytest
 import torch
 
-from tests.helpers import SCRIPTS, load_script
+from tests.helpers import SCRIPTS, load_script, random_model
 
 VOCAB, T = 512, 24
 
 
 def build(module):
-    args, _ = module.parse_args(["--preset=tiny", f"--vocab_size={VOCAB}", f"--seq_len={T}"])
-    torch.manual_seed(0)
-    model = module.GPT(module.GPTConfig.from_args(args)).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, p.shape[-1] ** -0.5 if p.ndim >= 2 else 0.5)
-    return model
+    return random_model(module, f"--vocab_size={VOCAB}")
 
 
 def embedding_outputs(model):

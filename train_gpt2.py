@@ -31,6 +31,7 @@ import time
 import types
 import typing
 import uuid
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
@@ -63,20 +65,24 @@ def xxt(X):
 
 
 # ---- muon ----
-# Quintic Newton–Schulz coefficients that maximise the slope at zero (Jordan et al. 2024, "Muon"): five steps
-# map every singular value into roughly [0.7, 1.2], which trains as well as the exact U V^T of the SVD.
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# Polar Express (Amsel et al. 2025; modded-nanogpt record 2025-09-29, -10 steps): one (a, b, c) per Newton–Schulz
+# step, each the best odd quintic for the singular values that can remain after the steps before it, so five steps
+# land every singular value nearer 1 than Muon's one fixed quintic (3.4445, -4.7750, 2.0315) does.
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
 
 
 def zeropower_via_newtonschulz5(G, steps=5):
     """Approximately orthogonalise each matrix of G (..., m, n): its singular values go to ~1."""
-    a, b, c = NS_COEFFICIENTS
     X = G.bfloat16() if G.is_cuda else G.float()  # bf16 is stable here and fast on GPU; CPU bf16 matmuls are slow
     transposed = G.size(-2) > G.size(-1)
     if transposed:  # iterate on the wide orientation so the Gram matrix X X^T is the small one
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # spectral norm < 1, with Polar Express's margin
+    for a, b, c in POLAR_EXPRESS[:steps]:
         A = xxt(X)
         B = b * A + c * xxt(A)  # A is symmetric, so A @ A = A @ A^T
         X = a * X + B @ X
@@ -114,20 +120,30 @@ class Muon(torch.optim.Optimizer):
 
 
 # ---- model ----
+EOT = 50256  # <|endoftext|>: every document starts with it (the shard format), so it marks document boundaries
+BLOCK = 128  # FlexAttention's block size; attention windows come in whole blocks
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128 for fast matmuls (nanoGPT)
-    seq_len: int = 1024  # longest context; the rotary tables are built for it
+    seq_len: int = 16384  # the longest stream it trains on (sample.py's context); sdpa: the causal row length
     n_layer: int = 12
-    n_head: int = 12
+    n_head: int = 6  # head_dim 128 (modded-nanogpt 2024-10-14)
     n_embd: int = 768
-    logit_softcap: float = 30.0  # logits = cap * tanh(logits / cap) (Gemma 2, 2024; modded-nanogpt)
+    logit_softcap: float = 15.0  # logits = cap * tanh(logits / cap) (Gemma 2; 30 -> 15 in the 2025-01-04 record)
+    value_embeds: int = 3  # value-embedding tables: the first and the last this many layers (2024-12-04, 2025-01-04)
+    window_blocks: tuple = (3, 7, 11)  # long attention window per equal stage of training, in blocks (2025-11-29)
+    attention: str = "flex"  # flex: document-masked windowed attention over packed streams; sdpa: causal rows
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
 
     @classmethod
     def from_args(cls, args):
-        return cls(vocab_size=args.vocab_size, seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head,
-                   n_embd=args.n_embd, logit_softcap=args.logit_softcap,
+        return cls(vocab_size=args.vocab_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                   seq_len=args.seq_len if args.attention == "sdpa" or args.device_batch_tokens == "auto"
+                   else args.device_batch_tokens,
+                   logit_softcap=args.logit_softcap, value_embeds=args.value_embeds,
+                   window_blocks=tuple(int(w) for w in args.window_blocks.split(",")), attention=args.attention,
                    activation_checkpointing=args.activation_checkpointing)
 
 
@@ -137,20 +153,44 @@ def norm(x):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (Su et al. 2021, RoFormer): rotate channel pairs by position-dependent angles,
-    so attention scores depend on relative position only."""
+    """Rotary position embedding (Su et al. 2021, RoFormer), half-truncated (modded-nanogpt 2024-12-17): half of the
+    channel pairs turn at frequencies from 1 down to 1/1024 per token, the other half not at all, so part of each head
+    matches on content alone, at any distance."""
 
-    def __init__(self, head_dim, max_len, base=10000.0):
+    def __init__(self, head_dim):
         super().__init__()
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        inv_freq = (1 / 1024) ** torch.linspace(0, 1, head_dim // 4)
+        self.register_buffer("inv_freq", torch.cat((inv_freq, inv_freq.new_zeros(head_dim // 2 - head_dim // 4))),
+                             persistent=False)
 
     def forward(self, x, pos=0):  # x: (B, T, heads, head_dim); pos: position of x's first token
-        cos, sin = (t[None, pos:pos + x.size(1), None, :] for t in (self.cos, self.sin))
+        # angles computed per call (cheap, fused by compile): no table to size for the longest stream
+        angles = torch.outer(torch.arange(pos, pos + x.size(1), device=x.device, dtype=torch.float32), self.inv_freq)
+        cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
+
+
+def document_mask(docs, window, past=0):
+    """Which keys each query may see: not later, in the same document, and fewer than `window` tokens back.
+    docs (B, S): every token's document number; the queries are the last S - past tokens. A FlexAttention block mask
+    on GPU (and on CPU without gradients; FlexAttention has no CPU backward), else a dense (B, 1, T, S) mask."""
+    if past == 0 and (docs.is_cuda or not torch.is_grad_enabled()):
+        def mask_mod(b, h, q, kv):
+            return (q >= kv) & (docs[b, q] == docs[b, kv]) & (q - kv < window)
+        return create_block_mask(mask_mod, docs.size(0), None, docs.size(1), docs.size(1), device=docs.device)
+    q = torch.arange(past, docs.size(1), device=docs.device)[:, None]
+    kv = torch.arange(docs.size(1), device=docs.device)[None, :]
+    same_doc = docs[:, past:, None] == docs[:, None, :]
+    return ((q >= kv) & (q - kv < window) & same_doc)[:, None]
+
+
+def attend(q, k, v, mask):
+    """softmax(q k^T / sqrt(d)) v over the keys `mask` allows: a BlockMask (FlexAttention), a boolean tensor, or
+    None for plain causal attention (--attention=sdpa: flash kernels)."""
+    if isinstance(mask, BlockMask):
+        return flex_attention(q, k, v, block_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
 
 class CausalSelfAttention(nn.Module):
@@ -164,23 +204,23 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         nn.init.zeros_(self.c_proj.weight)  # zero-init output projection: each block starts as identity (modded-nanogpt)
-        self.rotary = Rotary(self.head_dim, config.seq_len)
+        self.rotary = Rotary(self.head_dim)
+        # v = l0 * v + l1 * value embedding (2024-12-04 record, learned scalars as in 2024-12-08)
+        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))
 
-    def forward(self, x, cache=None):  # cache: this layer's dict of past keys/values, for decoding (sample.py)
+    def forward(self, x, ve, mask, cache=None):  # cache: this layer's past keys/values, for decoding (sample.py)
         B, T, C = x.shape
         q, k, v = (lin(x).view(B, T, self.n_head, self.head_dim) for lin in (self.c_q, self.c_k, self.c_v))
+        v = self.lambdas[0] * v + (self.lambdas[1] * ve.view_as(v) if ve is not None else 0)
         q, k = norm(q), norm(k)  # QK-norm (Dehghani et al. 2023, ViT-22B): bounded attention logits at high LR
         pos = cache["k"].size(2) if cache else 0
         q, k = self.rotary(q, pos), self.rotary(k, pos)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
-        if cache is None:  # training: flash attention kernels on GPU
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # decoding: new queries see every cached key and the causal part of their own block
+        if cache is not None:  # decoding: new queries see the cached keys too (mask covers them)
             if cache:
                 k, v = torch.cat((cache["k"], k), dim=2), torch.cat((cache["v"], v), dim=2)
             cache["k"], cache["v"] = k, v
-            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=k.size(2) - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = attend(q, k, v, mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -196,13 +236,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer):
         super().__init__()
         self.attn = CausalSelfAttention(config)
         self.mlp = MLP(config)
+        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # x = l0 * x + l1 * x0 (2024-11-06 record)
+        # long and short windows alternate, long at both ends of each U-net half (2025-01-26 record's layout)
+        self.long_window = min(layer, config.n_layer - 1 - layer) % 4 == 0
 
-    def forward(self, x, cache=None):  # pre-norm residual block (GPT-2)
-        x = x + self.attn(norm(x), cache)
+    def forward(self, x, x0, ve, masks, cache=None):  # pre-norm residual block (GPT-2), x0: the embedding
+        x = self.lambdas[0] * x + self.lambdas[1] * x0
+        x = x + self.attn(norm(x), ve, masks[self.long_window], cache)
         return x + self.mlp(norm(x))
 
 
@@ -210,21 +254,62 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        L = config.n_layer
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        # value embeddings: layer i < n and layer L - n + i add table i to their values (2024-12-04, 2025-01-04)
+        n = min(config.value_embeds, L // 2)
+        self.value_embeds = nn.ModuleList([nn.Embedding(config.vocab_size, config.n_embd) for _ in range(n)])
+        self.ve_table = [i if i < n else i - (L - n) if i >= L - n else None for i in range(L)]
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(L)])
+        # U-net (2024-11-10 record): layer L - 1 - i adds layer i's output, weighted, for i < L // 2
+        self.skip_weights = nn.Parameter(torch.ones(L // 2))
         # untied from wte: input and output embeddings want different geometry and LRs (modded-nanogpt)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         nn.init.zeros_(self.lm_head.weight)  # zero-init head: the first loss is exactly ln(vocab_size)
+        # the long and short attention windows in tokens, set in place by schedule() so compiled graphs never change
+        self.register_buffer("windows", self.windows_at(0.0), persistent=False)
 
-    def hidden(self, idx, caches=None):
-        x = norm(self.wte(idx))
+    def windows_at(self, progress):
+        """(long, short) windows in tokens at this point of training: blocks[stage], and half that (at least one)."""
+        blocks = self.config.window_blocks
+        long = blocks[min(int(progress * len(blocks)), len(blocks) - 1)]
+        return torch.tensor([long * BLOCK, max(1, long // 2) * BLOCK])
+
+    def schedule(self, progress):
+        """Called by the training loop before every optimizer step with the run's progress in [0, 1]."""
+        self.windows.copy_(self.windows_at(progress))
+
+    def masks(self, idx, past_docs=None):
+        """({long window?: mask}, document numbers) for idx (B, T), whose documents begin at each EOT (past_docs:
+        those of the tokens before it, when decoding). Training uses the scheduled windows; evaluation and decoding
+        the last stage's, the longest."""
+        if self.config.attention == "sdpa":
+            return {True: None, False: None}, None
+        past = 0 if past_docs is None else past_docs.size(1)
+        docs = (idx == EOT).cumsum(1)
+        if past:  # decoding: new tokens continue the cached tokens' last document
+            docs = torch.cat((past_docs, past_docs[:, -1:] + docs), dim=1)
+        windows = self.windows if self.training else self.windows_at(1.0).to(idx.device)
+        used = {block.long_window for block in self.blocks}
+        masks = {long: document_mask(docs, windows[0 if long else 1], past) for long in used}
+        return masks, docs
+
+    def hidden(self, idx, masks, caches=None):
+        x = x0 = norm(self.wte(idx))
+        tables = [table(idx) for table in self.value_embeds]
+        skips, n_skip, L = [], len(self.skip_weights), len(self.blocks)
         for i, block in enumerate(self.blocks):
+            if i >= L - n_skip:
+                x = x + self.skip_weights[L - 1 - i] * skips.pop()
+            ve = tables[self.ve_table[i]] if self.ve_table[i] is not None else None
             if caches is not None:
-                x = block(x, caches[i])
+                x = block(x, x0, ve, masks, caches[i])
             elif self.config.activation_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, x0, ve, masks, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, x0, ve, masks)
+            if i < n_skip:
+                skips.append(x)
         return norm(x)
 
     def logits(self, x):
@@ -232,18 +317,28 @@ class GPT(nn.Module):
         return cap * torch.tanh(self.lm_head(x).float() / cap)
 
     def forward(self, idx, targets=None):
-        """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T) the mean loss instead."""
-        x = self.hidden(idx)
+        """idx (B, T) token streams -> logits (B, T, vocab); with targets (B, T) the mean loss instead."""
+        if self.config.attention == "sdpa" and idx.size(1) > self.config.seq_len:  # rows of seq_len, each causal
+            idx = idx.reshape(-1, self.config.seq_len)
+            targets = targets.reshape(-1, self.config.seq_len) if targets is not None else None
+        x = self.hidden(idx, self.masks(idx)[0])
         if targets is None:
             return self.logits(x)
         return linear_softcap_cross_entropy(x, self.lm_head.weight, targets, self.config.logit_softcap)
 
     @torch.no_grad()
-    def forward_cached(self, idx, caches=None):
-        """Decode with a KV cache: idx (B, T) continues the sequence held in caches (None starts one).
-        Returns (logits of the new tokens, caches); positions must stay below config.seq_len."""
-        caches = [{} for _ in self.blocks] if caches is None else caches
-        return self.logits(self.hidden(idx, caches)), caches
+    def forward_cached(self, idx, cache=None):
+        """Decode with a KV cache: idx (B, T) continues the tokens held in cache (None starts one), with the same
+        document masking and the last stage's windows. Returns (logits of the new tokens, cache); positions must
+        stay below config.seq_len."""
+        cache = cache or dict(docs=None, layers=[{} for _ in self.blocks])
+        if self.config.attention == "sdpa":
+            S = idx.size(1) + (cache["layers"][0]["k"].size(2) if cache["layers"][0] else 0)
+            causal = torch.ones(idx.size(1), S, dtype=torch.bool, device=idx.device).tril(S - idx.size(1))
+            masks = {True: causal, False: causal}
+        else:
+            masks, cache["docs"] = self.masks(idx, cache["docs"])
+        return self.logits(self.hidden(idx, masks, cache["layers"])), cache
 
     def causal_outputs(self, idx):
         """Every output as name -> (tensor with time on dim 1, lookahead): position t may depend on tokens
@@ -307,36 +402,60 @@ def check_train_is_not_val(train_pattern, val_pattern):
 
 
 class DistributedDataLoader:
-    """(inputs, targets) micro-batches of B sequences of T tokens, streamed from the shards in order. At every
-    micro-step the ranks take adjacent slices of one window of world*B*T tokens, so a step's data is the same
-    for any split into ranks x accumulation steps. The position (shard, offset) is saved in checkpoints. Each
-    shard's token ids are checked against vocab_size when it is opened."""
+    """Micro-batches as packed token streams: the shards' documents in order, each cut to its first doc_cap tokens
+    (2025-09-03 record; 0: uncut), one after another. A micro-step takes the next world * T tokens of that stream
+    (+1 for the last target) and rank r the r-th slice of T, so a step's data is the same for any split into ranks x
+    accumulation steps. The position (shard, document, offset) is saved in checkpoints. Each shard's token ids are
+    checked against vocab_size when it is opened."""
 
-    def __init__(self, pattern, B, T, rank, world, device, vocab_size=None):
+    def __init__(self, pattern, T, rank, world, device, vocab_size=None, doc_cap=0):
         self.files = find_shards(pattern, "train_files")
-        self.B, self.T, self.rank, self.world, self.device = B, T, rank, world, device
-        self.vocab_size, self.window = vocab_size, world * B * T
-        if max(len(read_shard(f)) for f in self.files) < self.window + 1:  # also checks every header up front
-            raise SystemExit(f"error: every shard of {pattern} is shorter than one micro-step window "
-                             f"({self.window + 1} tokens); use more data or a smaller --device_batch_size")
-        self.load_state_dict({"shard": 0, "offset": 0})
+        self.T, self.rank, self.world, self.device = T, rank, world, device
+        self.vocab_size, self.doc_cap = vocab_size, doc_cap
+        if sum(len(read_shard(f)) for f in self.files) == 0:  # also checks every header up front
+            raise SystemExit(f"error: the shards of --train_files={pattern} hold no tokens")
+        self.shard = None
+        self.load_state_dict({"shard": 0, "doc": 0, "offset": 0})
 
     def state_dict(self):
-        return {"shard": self.shard, "offset": self.offset}
+        return {"shard": self.shard, "doc": self.doc, "offset": self.offset}
 
     def load_state_dict(self, state):
-        self.shard, self.offset = state["shard"], state["offset"]
-        self.tokens = read_shard(self.files[self.shard], self.vocab_size)
+        if state["shard"] != self.shard:
+            self.tokens = read_shard(self.files[state["shard"]], self.vocab_size)
+            starts = np.flatnonzero(self.tokens == EOT)
+            if len(starts) == 0 or starts[0] != 0:  # a shard may begin inside a document
+                starts = np.concatenate(([0], starts))
+            ends = np.append(starts[1:], len(self.tokens))
+            self.spans = np.stack((starts, np.minimum(ends, starts + self.doc_cap) if self.doc_cap else ends), 1)
+        self.shard, self.doc, self.offset = state["shard"], state["doc"], state["offset"]
+
+    def read(self, n):
+        """The next n tokens of the stream; after the last shard, the first again (a new epoch)."""
+        parts = []
+        while n:
+            if self.doc == len(self.spans):
+                self.load_state_dict({"shard": (self.shard + 1) % len(self.files), "doc": 0, "offset": 0})
+                continue
+            start, end = self.spans[self.doc]
+            part = self.tokens[start + self.offset:min(end, start + self.offset + n)]
+            parts.append(part)
+            n -= len(part)
+            self.offset += len(part)
+            if start + self.offset == end:
+                self.doc, self.offset = self.doc + 1, 0
+        return np.concatenate(parts)
 
     def next_batch(self):
-        while self.offset + self.window + 1 > len(self.tokens):  # next shard; after the last, a new epoch
-            self.load_state_dict({"shard": (self.shard + 1) % len(self.files), "offset": 0})
-        start = self.offset + self.rank * self.B * self.T
-        buf = torch.from_numpy(self.tokens[start:start + self.B * self.T + 1].astype(np.int64))
-        self.offset += self.window
+        """(inputs, targets), each (1, T): this rank's slice of the next micro-step's stream."""
+        window = self.read(self.world * self.T)
+        after = self.state_dict()
+        window = np.append(window, self.read(1))  # the last target, which the next micro-step reads again
+        self.load_state_dict(after)
+        buf = torch.from_numpy(window[self.rank * self.T:(self.rank + 1) * self.T + 1].astype(np.int64))
         if self.device.type == "cuda":  # pinned host memory lets the copy overlap with compute
             buf = buf.pin_memory().to(self.device, non_blocking=True)
-        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+        return buf[None, :-1], buf[None, 1:]
 
 
 def load_val_tokens(pattern, n_tokens, vocab_size=None):
@@ -363,16 +482,22 @@ class Hyperparameters:
     # model
     vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128
     n_layer: int = 12  # transformer blocks
-    n_head: int = 12  # attention heads; head_dim = n_embd / n_head
+    n_head: int = 6  # attention heads; head_dim = n_embd / n_head (128, modded-nanogpt 2024-10-14)
     n_embd: int = 768  # model width
-    seq_len: int = 1024  # tokens per training sequence
-    logit_softcap: float = 30.0  # logits = cap * tanh(logits / cap)
+    logit_softcap: float = 15.0  # logits = cap * tanh(logits / cap) (2025-01-04 record)
+    value_embeds: int = 3  # value-embedding tables, for the first and the last this many layers (2024-12-04)
+    attention: str = "flex"  # flex: packed streams, document masks, sliding windows; sdpa: plain causal rows
+    seq_len: int = 1024  # --attention=sdpa only: tokens per causal row (flex streams are device_batch_tokens long)
+    window_blocks: str = "3,7,11"  # long attention window per equal stage of training, in 128-token blocks (2025-11-29)
+    doc_cap: int = 2048  # training documents are cut to their first this many tokens (2025-09-03; 0: uncut)
     # optimisation
-    num_iterations: int = 3000  # optimizer steps (the LR schedule is laid out over them)
-    batch_tokens: int = 524288  # tokens per optimizer step over all ranks (2**19, as GPT-2 in llm.c)
-    device_batch_size: int | str = 16  # sequences per micro-step per rank, or auto (largest that fits)
+    num_iterations: int = 2160  # optimizer steps (the LR, batch and window schedules are laid out over them)
+    batch_tokens: int = 393216  # tokens per optimizer step over all ranks, in the last batch stage (2025-01-26)
+    batch_stages: int = 3  # stage s of these equal parts trains on s/batch_stages of batch_tokens (2025-11-29)
+    device_batch_tokens: int | str = 16384  # tokens per micro-step per rank (one packed stream), or auto
     warmup_steps: int = 0  # linear LR warm-up steps
-    cooldown_frac: float = 0.4  # the last fraction of the steps decays the LR linearly to 0 (modded-nanogpt)
+    cooldown_frac: float = 0.45  # the last fraction of the steps decays the LR linearly to lr_floor (2025-09-03)
+    lr_floor: float = 0.1  # the LR multiplier the cool-down ends at (2025-01-26 record)
     muon_lr: float = 0.05  # hidden matrices
     muon_momentum: float = 0.95  # Muon's Nesterov momentum after the warm-up
     muon_momentum_warmup_steps: int = 300  # momentum rises linearly from 0.85 over these steps (modded-nanogpt)
@@ -401,14 +526,14 @@ class Hyperparameters:
 
 
 PRESETS = {
-    "gpt2_124m": {},  # the defaults above: GPT-2 small shape, 2**19-token batches, BottleCap target
+    "gpt2_124m": {},  # the defaults above: GPT-2 small's shape, the 2025-11-29 schedules, BottleCap's target
     "bottlecap": dict(target_val_loss=3.3821, val_tokens=1048576, stop_at_target=True),  # BottleCap 1-GPU rule
     "modded": dict(target_val_loss=3.28, val_tokens=10485760),  # modded-nanogpt's rule
     # trains on CPU in seconds on the bundled sample (data/sample/): for smoke tests and first contact
     "tiny": dict(train_files="data/sample/sample_train_*.bin", val_files="data/sample/sample_val_*.bin",
-                 n_layer=2, n_head=2, n_embd=64, seq_len=64, batch_tokens=512, device_batch_size=8,
-                 num_iterations=50, val_every=25, val_tokens=8192, muon_momentum_warmup_steps=10,
-                 target_val_loss=7.5),
+                 n_layer=2, n_head=2, n_embd=64, window_blocks="1,2,4", batch_tokens=512, batch_stages=1,
+                 device_batch_tokens=512, num_iterations=50, val_every=25, val_tokens=8192,
+                 muon_momentum_warmup_steps=10, target_val_loss=7.5),
 }
 
 
@@ -420,11 +545,16 @@ def at_least(low):
 # checkpoint's settings): flag -> (test, what is allowed). Idea scripts check their own fields in GPTConfig.
 LIMITS = {
     "vocab_size": (at_least(1), "an integer >= 1"), "n_layer": (at_least(1), "an integer >= 1"),
-    "n_head": (at_least(1), "an integer >= 1"), "n_embd": (at_least(2), "an integer >= 2"),
-    "seq_len": (at_least(1), "an integer >= 1"), "logit_softcap": (lambda v: 0 < v < math.inf, "a number > 0"),
+    "n_head": (at_least(1), "an integer >= 1"), "n_embd": (at_least(4), "an integer >= 4"),
+    "logit_softcap": (lambda v: 0 < v < math.inf, "a number > 0"), "value_embeds": (at_least(0), "an integer >= 0"),
+    "attention": (lambda v: v in ("flex", "sdpa"), "flex or sdpa"), "seq_len": (at_least(1), "an integer >= 1"),
+    "window_blocks": (lambda v: re.fullmatch(r"[1-9][0-9]*(,[1-9][0-9]*)*", v), "whole numbers >= 1, comma-separated"),
+    "doc_cap": (at_least(0), "an integer >= 0 (0: uncut)"),
     "num_iterations": (at_least(1), "an integer >= 1"), "batch_tokens": (at_least(1), "an integer >= 1"),
-    "device_batch_size": (lambda v: v == "auto" or v >= 1, "an integer >= 1, or auto"),
+    "batch_stages": (at_least(1), "an integer >= 1"),
+    "device_batch_tokens": (lambda v: v == "auto" or v >= 1, "an integer >= 1, or auto"),
     "warmup_steps": (at_least(0), "an integer >= 0"), "cooldown_frac": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "lr_floor": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "muon_lr": (at_least(0), "a number >= 0"), "muon_momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "muon_momentum_warmup_steps": (at_least(0), "an integer >= 0"), "embed_lr": (at_least(0), "a number >= 0"),
     "head_lr": (at_least(0), "a number >= 0"), "scalar_lr": (at_least(0), "a number >= 0"),
@@ -444,9 +574,10 @@ def check_args(args):
         value = getattr(args, name)
         if not allowed(value):
             raise SystemExit(f"error: --{name}={value}: expected {what}")
-    if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 2:  # rotary turns channel pairs
-        divisors = [h for h in range(1, args.n_embd + 1) if args.n_embd % h == 0 and (args.n_embd // h) % 2 == 0]
-        raise SystemExit(f"error: --n_head={args.n_head}: must divide --n_embd={args.n_embd} into an even head size; "
+    if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 4:  # rotary: turning and still channel pairs
+        divisors = [h for h in range(1, args.n_embd + 1) if args.n_embd % h == 0 and (args.n_embd // h) % 4 == 0]
+        raise SystemExit(f"error: --n_head={args.n_head}: must divide --n_embd={args.n_embd} into a head size that is a "
+                         f"multiple of 4; "
                          f"choose one of {', '.join(map(str, divisors[:12]))}{' ...' if len(divisors) > 12 else ''}")
     return args
 
@@ -508,11 +639,25 @@ def run_progress(step, args, elapsed=0.0):
     return min(1.0, progress)
 
 
+def batch_stage(progress, args):
+    """(tokens in this step's batch, its LR multiplier): stage s = 1..batch_stages of the run trains on
+    s/batch_stages of batch_tokens, at s**0.6 times the LR ((batch ratio)**0.6, the 2025-11-29 record's rule)."""
+    stage = min(int(progress * args.batch_stages), args.batch_stages - 1) + 1
+    return args.batch_tokens * stage // args.batch_stages, stage ** 0.6
+
+
+def stage_batches(args):
+    """The batch of every stage, in tokens."""
+    return [args.batch_tokens * s // args.batch_stages for s in range(1, args.batch_stages + 1)]
+
+
 def lr_factor(step, progress, args):
-    """LR multiplier: linear warm-up over warmup_steps, constant, then linear to 0 over the last cooldown_frac."""
+    """LR multiplier: linear warm-up over warmup_steps, constant, then linear to lr_floor over the last
+    cooldown_frac; times the batch stage's multiplier."""
     if step < args.warmup_steps:
         return (step + 1) / args.warmup_steps
-    return 1.0 if args.cooldown_frac <= 0 else min(1.0, (1.0 - progress) / args.cooldown_frac)
+    left = 1.0 if args.cooldown_frac <= 0 else min(1.0, (1.0 - progress) / args.cooldown_frac)
+    return (left + (1 - left) * args.lr_floor) * batch_stage(progress, args)[1]
 
 
 def muon_momentum(step, args):
@@ -549,13 +694,12 @@ def restore_optimizers(optimizers, states):
             group.update(now)
 
 
-def pick_device_batch_size(per_rank, fits):
-    """The largest divisor of the per-rank batch (in sequences) for which fits(size) holds."""
+def pick_device_batch_tokens(per_rank, fits):
+    """The largest divisor of the per-rank tokens of the first batch stage for which fits(size) holds."""
     for size in (b for b in range(per_rank, 0, -1) if per_rank % b == 0):
         if fits(size):
             return size
-    raise SystemExit("error: not even one sequence per micro-step fits in GPU memory; "
-                     "try --activation_checkpointing=1 or a smaller --seq_len")
+    raise SystemExit("error: not even a tiny micro-batch fits in GPU memory; try --activation_checkpointing=1")
 
 
 def memory_stats(device):
@@ -564,10 +708,10 @@ def memory_stats(device):
 
 
 def probe_fits(model, args, device, amp_ctx, size):
-    """Does a micro-batch of `size` sequences fit? One real forward+backward of the model that will train (the
+    """Does a micro-batch of `size` tokens fit? One real forward+backward of the model that will train (the
     compiled one when compile is on: its fused graph needs far less memory than eager's fp32 logits), plus room
     for the optimizer states (at most two fp32 copies of the weights), within 90% of the device's memory."""
-    idx = torch.randint(0, args.vocab_size, (size, args.seq_len), device=device)
+    idx = torch.randint(0, args.vocab_size, (1, size), device=device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -582,15 +726,16 @@ def probe_fits(model, args, device, amp_ctx, size):
     return peak + optimizer_bytes <= 0.9 * total
 
 
-def auto_device_batch_size(raw_model, args, run, per_rank):
-    """--device_batch_size=auto: the largest micro-batch that fits, agreed on by every rank (the smallest rank's
+def auto_device_batch_tokens(raw_model, args, run, per_rank):
+    """--device_batch_tokens=auto: the largest micro-batch that fits, agreed on by every rank (the smallest rank's
     answer: ranks that ran different numbers of micro-steps would wait on each other forever)."""
-    fits = lambda size: True  # noqa: E731  (a CPU has no memory limit to probe: one micro-step per optimizer step)
+    row = args.seq_len if args.attention == "sdpa" else 1  # sdpa: whole rows
+    fits = lambda size: size % row == 0  # noqa: E731  (a CPU has no memory limit to probe: the largest)
     if run.device.type == "cuda":
         # dynamic shapes: one compile serves every probed size; the training graph is compiled afterwards
         probed = torch.compile(raw_model, dynamic=True) if run.use_compile else raw_model
-        fits = lambda size: probe_fits(probed, args, run.device, run.amp_ctx, size)  # noqa: E731
-    size = pick_device_batch_size(per_rank, fits)
+        fits = lambda size: size % row == 0 and probe_fits(probed, args, run.device, run.amp_ctx, size)  # noqa: E731
+    size = pick_device_batch_tokens(per_rank, fits)
     if run.device.type == "cuda" and run.use_compile:
         torch._dynamo.reset()
     if run.world > 1:
@@ -655,6 +800,8 @@ def setup(argv):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
         keep_freed_memory()
+        # CPU validation runs FlexAttention eagerly (correct, just unfused); no need to say so at every run
+        warnings.filterwarnings("ignore", message=r".*flex_attention called without torch\.compile")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(args.dtype, "auto")
     if amp_dtype == "auto":  # bf16 from Ampere on; older GPUs (V100, RTX 20xx) get fp16 with loss scaling
         amp_dtype = None if device.type != "cuda" else (
@@ -664,17 +811,17 @@ def setup(argv):
     run.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     run.use_compile = device.type == "cuda" if args.compile == "auto" else bool(args.compile)
 
-    # batch geometry: batch_tokens = world x accumulation x device_batch_size x seq_len
-    for name in ("batch_tokens", "val_tokens"):
-        if getattr(args, name) % (args.seq_len * run.world):
-            raise SystemExit(f"error: --{name}={getattr(args, name)} is not a multiple of --seq_len={args.seq_len} "
-                             f"x {run.world} processes")
+    # batch geometry: a stage's batch = world x accumulation x device_batch_tokens; every stage a multiple of the first
+    if args.batch_tokens % (args.batch_stages * run.world):
+        raise SystemExit(f"error: --batch_tokens={args.batch_tokens} does not split into --batch_stages="
+                         f"{args.batch_stages} stages x {run.world} processes")
+    per_rank = args.batch_tokens // (args.batch_stages * run.world)  # the first stage's tokens per rank
+    row = args.seq_len if args.attention == "sdpa" else 1  # sdpa: micro-batches hold whole rows
+    if args.device_batch_tokens != "auto" and (per_rank % args.device_batch_tokens or args.device_batch_tokens % row):
+        raise SystemExit(f"error: --device_batch_tokens={args.device_batch_tokens} must divide the first batch stage's "
+                         f"{per_rank} tokens per process" + (f" and be a multiple of --seq_len={row}" if row > 1 else ""))
     check_train_is_not_val(args.train_files, args.val_files)
     val_tokens = load_val_tokens(args.val_files, args.val_tokens, args.vocab_size)
-    per_rank = args.batch_tokens // (args.seq_len * run.world)
-    if args.device_batch_size != "auto" and per_rank % args.device_batch_size:
-        raise SystemExit(f"error: --device_batch_size={args.device_batch_size} does not divide the {per_rank} "
-                         f"sequences per rank per step (--batch_tokens / --seq_len / processes)")
     torch.manual_seed(args.seed)
     run.raw_model = raw_model = GPT(GPTConfig.from_args(args)).to(device)
     if ckpt is not None:
@@ -689,22 +836,27 @@ def setup(argv):
         kernels.pin_configs(run.world > 1)  # identical Muon updates on every rank
     if run.world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if args.device_batch_size == "auto":
-        args.device_batch_size = auto_device_batch_size(raw_model, args, run, per_rank)
-    run.accum = per_rank // args.device_batch_size
+    if args.device_batch_tokens == "auto":
+        args.device_batch_tokens = auto_device_batch_tokens(raw_model, args, run, per_rank)
+        if args.attention == "flex":
+            raw_model.config.seq_len = args.device_batch_tokens
+    T = args.device_batch_tokens
+    if args.val_tokens % (T * run.world):
+        raise SystemExit(f"error: --val_tokens={args.val_tokens} is not a multiple of --device_batch_tokens={T} x "
+                         f"{run.world} processes (validation streams are micro-batch sized)")
     run.optimizers = build_optimizers(raw_model, args, device)
     model = raw_model
     if run.world > 1:  # the rotary tables are built, not learned: no buffers to broadcast
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
     # compiled around DDP, so the gradient all-reduce of each bucket overlaps with the rest of the backward
     run.model = torch.compile(model) if run.use_compile else model
-    run.train_loader = DistributedDataLoader(args.train_files, args.device_batch_size, args.seq_len, run.rank,
-                                             run.world, device, args.vocab_size)
-    run.val_seqs = torch.from_numpy(val_tokens[:-1]).view(-1, args.seq_len)[run.rank::run.world]
-    run.val_targets = torch.from_numpy(val_tokens[1:]).view(-1, args.seq_len)[run.rank::run.world]
-    run.val_batch = max(b for b in range(1, args.device_batch_size + 1) if len(run.val_seqs) % b == 0)  # one shape
+    run.train_loader = DistributedDataLoader(args.train_files, T, run.rank, run.world, device, args.vocab_size,
+                                             args.doc_cap)
+    # validation: the first val_tokens tokens as streams of T, each token counted once; rank r takes every world-th
+    run.val_inputs = torch.from_numpy(val_tokens[:-1]).view(-1, 1, T)[run.rank::run.world]
+    run.val_targets = torch.from_numpy(val_tokens[1:]).view(-1, 1, T)[run.rank::run.world]
     run.state = dict(train_time=0.0, val_time=0.0, best_val_loss=math.inf, final_val_loss=None,
-                     time_to_target=None, checkpoints=[])  # checkpoints: [step, path] pairs
+                     time_to_target=None, tokens_seen=0, checkpoints=[])  # checkpoints: [step, path] pairs
     run.start_step = 0
     if ckpt is not None:
         restore_optimizers(run.optimizers, ckpt["optimizers"])
@@ -735,7 +887,9 @@ def setup(argv):
     n_params = sum(p.numel() for p in raw_model.parameters())
     log.write(f"# {device_name(device)} x{run.world}  params {n_params / 1e6:.2f}M  dtype {amp_dtype or torch.float32}  "
               f"compile {run.use_compile}  kernels {kernels is not None and args.kernels}  micro-batch "
-              f"{args.device_batch_size} x {args.seq_len} x accumulation {run.accum}  log {log.path}")
+              f"{T} tokens x accumulation {', '.join(str(s // (T * run.world)) for s in stage_batches(args))} "
+              f"(batch stages {', '.join(map(str, stage_batches(args)))} tokens)  attention {args.attention}  "
+              f"log {log.path}")
     if hasattr(raw_model, "describe"):  # an idea's own start-up facts (its extra FLOPs, its cache size)
         log.write(f"# {raw_model.describe()}")
     if ckpt is not None:
@@ -758,7 +912,8 @@ def compile_warmup(run):
     for opt, state in zip(run.optimizers, initial[2]):
         opt.load_state_dict(state)
     del initial
-    run.train_loader.load_state_dict({"shard": 0, "offset": 0})
+    run.train_loader.load_state_dict({"shard": 0, "doc": 0, "offset": 0})
+    run.state["tokens_seen"] = 0
     run.state["compile_warmup"] = time.perf_counter() - t_compile
     run.log.write(f"# compile warm-up: 3 steps in {run.state['compile_warmup']:.1f}s, excluded from train_time; "
                   f"weights, optimizers and data reset")
@@ -766,44 +921,44 @@ def compile_warmup(run):
 
 def evaluate(run):
     """Mean next-token loss over exactly val_tokens tokens; each rank takes every world-th sequence."""
-    model, device, n_seqs = run.model, run.device, len(run.val_seqs)
+    model, device, n_streams = run.model, run.device, len(run.val_inputs)
     model.eval()
     total = torch.zeros((), device=device)
     t_start = t_shown = time.perf_counter()
     with torch.no_grad():
-        for i in range(0, n_seqs, run.val_batch):
-            x, y = (t[i:i + run.val_batch].to(device, non_blocking=True) for t in (run.val_seqs, run.val_targets))
+        for i, (x, y) in enumerate(zip(run.val_inputs, run.val_targets)):  # the training micro-batch's shape
             with run.amp_ctx:
-                total += model(x, y).float() * len(x)
+                total += model(x.to(device, non_blocking=True), y.to(device, non_blocking=True)).float()
             if run.master and time.perf_counter() - t_shown > 10:  # a long validation (a CPU) shows progress
                 t_shown = time.perf_counter()
-                print(f"  validation: {i + len(x)}/{n_seqs} sequences, {t_shown - t_start:.0f}s", file=sys.stderr,
+                print(f"  validation: {i + 1}/{n_streams} streams, {t_shown - t_start:.0f}s", file=sys.stderr,
                       flush=True)
     if run.world > 1:
         dist.all_reduce(total)
     model.train()
-    return total.item() / (run.args.val_tokens // run.args.seq_len)
+    return total.item() / (n_streams * run.world)
 
 
 def train_step(run, step, elapsed=0.0):
     """One optimizer step over accum micro-batches; returns the mean training loss over every rank."""
     args, model = run.args, run.model
     progress = run_progress(step, args, elapsed)
-    if hasattr(run.raw_model, "schedule"):  # a model's own schedules (an aux-loss weight, router biases)
-        run.raw_model.schedule(progress)
+    run.raw_model.schedule(progress)  # the model's own schedules: windows (an idea's aux-loss weight, router biases)
+    batch, _ = batch_stage(progress, args)
+    accum = batch // (args.device_batch_tokens * run.world)
     for opt in run.optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, progress, args)
     for group in run.optimizers[1].param_groups:
         group["momentum"] = muon_momentum(step, args)
     loss_sum = torch.zeros((), device=run.device)
-    for micro in range(run.accum):
+    for micro in range(accum):
         x, y = run.train_loader.next_batch()
-        no_sync = model.no_sync() if run.world > 1 and micro < run.accum - 1 else contextlib.nullcontext()
+        no_sync = model.no_sync() if run.world > 1 and micro < accum - 1 else contextlib.nullcontext()
         with no_sync:  # DDP averages gradients across ranks once, on the last micro-step
             with run.amp_ctx:
                 loss = model(x, y)
-            run.scaler.scale(loss / run.accum).backward()
+            run.scaler.scale(loss / accum).backward()
         loss_sum += loss.detach().float()
     for opt in run.optimizers:
         run.scaler.unscale_(opt)
@@ -812,7 +967,8 @@ def train_step(run, step, elapsed=0.0):
     model.zero_grad(set_to_none=True)
     if run.world > 1:
         dist.all_reduce(loss_sum)
-    return loss_sum.item() / (run.accum * run.world)
+    run.state["tokens_seen"] += batch
+    return loss_sum.item() / (accum * run.world)
 
 
 def save_checkpoint(run, step):
@@ -893,7 +1049,7 @@ def train_loop(run):
                               "resume from it with a lower LR")
                     break
                 now = state["train_time"] + time.perf_counter() - t0
-                step_ms, kilo_tok_per_s = 1000 * now / (step + 1), args.batch_tokens * (step + 1) / now / 1000
+                step_ms, kilo_tok_per_s = 1000 * now / (step + 1), state["tokens_seen"] / now / 1000
                 eta = (args.num_iterations - step - 1) * step_ms / 1000
                 eta = min(eta, args.time_budget_s - now) if args.time_budget_s > 0 else eta
                 log.write(f"step:{step + 1}/{args.num_iterations} train_loss:{train_loss:.4f} "
@@ -938,7 +1094,7 @@ def finish(run, steps):
                    target_val_loss=args.target_val_loss, val_tokens=args.val_tokens,
                    best_val_loss=finite(state["best_val_loss"]), final_val_loss=finite(state["final_val_loss"]),
                    reached=state["time_to_target"] is not None, time_to_target_s=state["time_to_target"],
-                   train_time_s=state["train_time"], tokens_seen=steps * args.batch_tokens, steps=steps,
+                   train_time_s=state["train_time"], tokens_seen=state["tokens_seen"], steps=steps,
                    peak_mem_gb=round(peak_gb, 3), device=device_name(run.device), world_size=run.world,
                    run_id=run.run_id, compile_warmup_s=state.get("compile_warmup"), val_time_s=state["val_time"],
                    stopped=run.stopped, last_checkpoint=last_checkpoint(run))

@@ -70,10 +70,23 @@ def make_shards(directory, n_train=60_000, n_val=8_192, shards=2, vocab=256, see
 def small_args(train_glob, val_glob, log_dir, **overrides):
     """Flags for a fast CPU run on synthetic shards (vocab 256): a few seconds for a dozen steps."""
     flags = dict(preset="tiny", train_files=train_glob, val_files=val_glob, log_dir=log_dir, vocab_size=256,
-                 n_layer=2, n_head=2, n_embd=64, seq_len=32, batch_tokens=256, device_batch_size=8,
-                 num_iterations=12, val_every=6, val_tokens=2048, embed_lr=0.1, head_lr=0.02)
+                 n_layer=2, n_head=2, n_embd=64, batch_tokens=256, batch_stages=1, device_batch_tokens=256,
+                 window_blocks="1", num_iterations=12, val_every=6, val_tokens=2048, embed_lr=0.1, head_lr=0.02)
     flags.update(overrides)
     return [f"--{k}={v}" for k, v in flags.items()]
+
+
+def random_model(module, *flags):
+    """A script's model (--preset=tiny plus flags) in fp32 eval mode with random weights: zero-initialised projections
+    and a zero head would hide a leak, every output being the same."""
+    import torch
+    args, _ = module.parse_args(["--preset=tiny", *flags])
+    torch.manual_seed(0)
+    model = module.GPT(module.GPTConfig.from_args(args)).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, p.shape[-1] ** -0.5 if p.ndim >= 2 else 0.5)
+    return model
 
 
 def read_log(path):

@@ -5,7 +5,7 @@ import pytest
 
 from tests.helpers import SCRIPTS, load_script
 
-ISSUE_FLAGS = ["preset", "train_files", "val_files", "num_iterations", "batch_tokens", "device_batch_size", "seq_len",
+ISSUE_FLAGS = ["preset", "train_files", "val_files", "num_iterations", "batch_tokens", "device_batch_tokens", "seq_len",
                "val_every", "val_tokens", "target_val_loss", "stop_at_target", "compile", "seed", "log_dir",
                "save_every", "resume"]
 
@@ -29,9 +29,11 @@ def test_presets_and_overrides(script):
     bottlecap, _ = script.parse_args(["--preset=bottlecap"])
     assert (bottlecap.target_val_loss, bottlecap.val_tokens, bottlecap.stop_at_target) == (3.3821, 1048576, True)
     default, _ = script.parse_args([])
-    assert (default.n_layer, default.n_head, default.n_embd, default.seq_len, default.vocab_size) == (12, 12, 768, 1024, 50304)
-    assert script.parse_args(["--device_batch_size=auto"])[0].device_batch_size == "auto"
-    assert script.parse_args(["--preset=tiny", "--device_batch_size=4"])[0].device_batch_size == 4
+    assert (default.n_layer, default.n_head, default.n_embd, default.vocab_size) == (12, 6, 768, 50304)
+    assert (default.batch_tokens, default.batch_stages, default.num_iterations, default.window_blocks) == (
+        393216, 3, 2160, "3,7,11")
+    assert script.parse_args(["--device_batch_tokens=auto"])[0].device_batch_tokens == "auto"
+    assert script.parse_args(["--preset=tiny", "--device_batch_tokens=4"])[0].device_batch_tokens == 4
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -41,7 +43,7 @@ def test_presets_and_overrides(script):
     (["--num_iterations=three"], r"--num_iterations=three: expected an integer"),
     (["--muon_lr=fast"], r"--muon_lr=fast: expected a number"),
     (["--stop_at_target=yes"], r"--stop_at_target=yes: expected 0 or 1"),
-    (["--device_batch_size=big"], r"--device_batch_size=big: expected an integer or auto"),
+    (["--device_batch_tokens=big"], r"--device_batch_tokens=big: expected an integer or auto"),
     (["--preset=huge"], r"--preset=huge: unknown preset; choose one of gpt2_124m, bottlecap, modded, tiny"),
 ])
 def test_bad_flags_are_errors_that_say_what_is_valid(script, argv, message):
@@ -52,12 +54,18 @@ def test_bad_flags_are_errors_that_say_what_is_valid(script, argv, message):
 @pytest.mark.parametrize("flag, message", [
     ("--dtype=int8", r"--dtype=int8: expected auto, bf16, fp16 or fp32"),
     ("--dtype=bfloat16", r"--dtype=bfloat16: expected auto, bf16, fp16 or fp32"),
-    ("--device_batch_size=0", r"--device_batch_size=0: expected an integer >= 1, or auto"),
-    ("--device_batch_size=-2", r"--device_batch_size=-2: expected an integer >= 1, or auto"),
+    ("--device_batch_tokens=0", r"--device_batch_tokens=0: expected an integer >= 1, or auto"),
+    ("--device_batch_tokens=-2", r"--device_batch_tokens=-2: expected an integer >= 1, or auto"),
+    ("--attention=xformers", r"--attention=xformers: expected flex or sdpa"),
+    ("--window_blocks=3,,7", r"--window_blocks=3,,7: expected whole numbers >= 1, comma-separated"),
+    ("--window_blocks=0", r"--window_blocks=0: expected whole numbers >= 1"),
+    ("--batch_stages=0", r"--batch_stages=0: expected an integer >= 1"),
+    ("--lr_floor=1.5", r"--lr_floor=1.5: expected a number in \[0, 1\]"),
     ("--seq_len=0", r"--seq_len=0: expected an integer >= 1"),
     ("--batch_tokens=0", r"--batch_tokens=0: expected an integer >= 1"),
     ("--val_tokens=0", r"--val_tokens=0: expected an integer >= 1"),
-    ("--n_head=5", r"--n_head=5: must divide --n_embd=768 into an even head size; choose one of 1, 2, 3, 4, 6, 8"),
+    ("--n_head=5", r"--n_head=5: must divide --n_embd=768 into a head size that is a multiple of 4; choose one of "
+                   r"1, 2, 3, 4, 6, 8, 12, 16"),
     ("--num_iterations=-5", r"--num_iterations=-5: expected an integer >= 1"),
     ("--cooldown_frac=2", r"--cooldown_frac=2.0: expected a number in \[0, 1\]"),
     ("--val_every=-1", r"--val_every=-1: expected an integer >= 0"),

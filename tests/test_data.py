@@ -7,6 +7,7 @@ from tests.helpers import ROOT, fineweb, load_script
 
 train = load_script(ROOT / "train_gpt2.py")
 CPU = torch.device("cpu")
+EOT = 50256
 
 
 def write(path, tokens):
@@ -34,48 +35,71 @@ def test_bad_headers_name_the_file_and_the_fix(tmp_path, damage, message):
     assert str(path) in str(err.value) and "data/fineweb.py" in str(err.value)
 
 
-def test_loader_reads_consecutive_windows_and_crosses_shards(tmp_path):
+def test_loader_reads_consecutive_streams_and_crosses_shards(tmp_path):
     write(tmp_path / "t_000001.bin", np.arange(0, 100))
     write(tmp_path / "t_000002.bin", np.arange(100, 160))
-    loader = train.DistributedDataLoader(str(tmp_path / "t_*.bin"), B=2, T=8, rank=0, world=1, device=CPU)
+    loader = train.DistributedDataLoader(str(tmp_path / "t_*.bin"), T=16, rank=0, world=1, device=CPU)
     seen = []
-    for _ in range(10):
+    for _ in range(12):
         x, y = loader.next_batch()
-        assert x.shape == (2, 8) and x.dtype == torch.int64
+        assert x.shape == (1, 16) and x.dtype == torch.int64
         assert torch.equal(y.flatten()[:-1], x.flatten()[1:])  # targets are the next tokens
         seen.append(int(x[0, 0]))
-    # 16-token windows (+1 target): 0..80 in shard 1, 100..132 in shard 2, then shard 1 again (a new epoch)
-    assert seen == [0, 16, 32, 48, 64, 80, 100, 116, 132, 0]
+    # one stream through both shards (no EOT here: one document each), then shard 1 again (a new epoch)
+    assert seen == [0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 0, 16]
+    assert int(x[0, 0]) == 16 and loader.state_dict() == {"shard": 0, "doc": 0, "offset": 32}
 
 
-def test_ranks_take_adjacent_slices_of_one_window(tmp_path):
-    write(tmp_path / "t_000001.bin", np.arange(1000))
+def test_one_step_is_the_same_tokens_for_any_split_into_ranks_and_micro_steps(tmp_path):
+    """The global batch is bit-identical: 1 process x 2 micro-steps of T = 2 ranks x 1 of T, and 1 x 1 of 2T holds the
+    same tokens; document cuts included."""
+    tokens = np.arange(1000) % 50000
+    tokens[::37] = EOT  # documents of 37 tokens, cut to 20 below
+    write(tmp_path / "t_000001.bin", tokens)
     glob = str(tmp_path / "t_*.bin")
-    single = train.DistributedDataLoader(glob, B=2, T=4, rank=0, world=1, device=CPU)
-    ranks = [train.DistributedDataLoader(glob, B=2, T=4, rank=r, world=2, device=CPU) for r in range(2)]
-    for _ in range(5):  # one process with two micro-steps sees what two ranks see in one
-        expected = [single.next_batch()[0], single.next_batch()[0]]
-        got = [loader.next_batch()[0] for loader in ranks]
-        assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    single = train.DistributedDataLoader(glob, T=8, rank=0, world=1, device=CPU, doc_cap=20)
+    ranks = [train.DistributedDataLoader(glob, T=8, rank=r, world=2, device=CPU, doc_cap=20) for r in range(2)]
+    wide = train.DistributedDataLoader(glob, T=16, rank=0, world=1, device=CPU, doc_cap=20)
+    for _ in range(10):
+        expected = [single.next_batch(), single.next_batch()]
+        got = [loader.next_batch() for loader in ranks]
+        x, y = wide.next_batch()
+        for (ex, ey), (gx, gy) in zip(expected, got):
+            assert torch.equal(ex, gx) and torch.equal(ey, gy)
+        assert torch.equal(x, torch.cat([e[0] for e in expected], 1)) and torch.equal(y, torch.cat([e[1] for e in expected], 1))
+
+
+def test_documents_are_cut_to_doc_cap(tmp_path):
+    """2025-09-03: a document's tokens beyond its first doc_cap are skipped; the stream goes on with the next one."""
+    tokens = np.array([EOT, 1, 2, 3, 4, 5, EOT, 6, 7, EOT, 8, 9, 10, 11, 12, 13, 14, 15])
+    write(tmp_path / "t_000001.bin", tokens)
+    loader = train.DistributedDataLoader(str(tmp_path / "t_*.bin"), T=9, rank=0, world=1, device=CPU, doc_cap=4)
+    x, y = loader.next_batch()
+    assert x.flatten().tolist() == [EOT, 1, 2, 3, EOT, 6, 7, EOT, 8]
+    assert y.flatten().tolist() == [1, 2, 3, EOT, 6, 7, EOT, 8, 9]
+    uncut = train.DistributedDataLoader(str(tmp_path / "t_*.bin"), T=9, rank=0, world=1, device=CPU)
+    assert uncut.next_batch()[0].flatten().tolist() == tokens[:9].tolist()
 
 
 def test_loader_state_resumes_the_same_stream(tmp_path):
-    write(tmp_path / "t_000001.bin", np.arange(300))
-    write(tmp_path / "t_000002.bin", np.arange(300, 700))
+    tokens = np.arange(700) % 50000
+    tokens[::23] = EOT
+    write(tmp_path / "t_000001.bin", tokens[:300])
+    write(tmp_path / "t_000002.bin", tokens[300:])
     glob = str(tmp_path / "t_*.bin")
-    a = train.DistributedDataLoader(glob, B=3, T=10, rank=0, world=1, device=CPU)
+    a = train.DistributedDataLoader(glob, T=30, rank=0, world=1, device=CPU, doc_cap=10)
     for _ in range(12):
         a.next_batch()
-    b = train.DistributedDataLoader(glob, B=3, T=10, rank=0, world=1, device=CPU)
+    b = train.DistributedDataLoader(glob, T=30, rank=0, world=1, device=CPU, doc_cap=10)
     b.load_state_dict(a.state_dict())
     for _ in range(20):
         assert torch.equal(a.next_batch()[0], b.next_batch()[0])
 
 
-def test_shards_shorter_than_a_window_are_an_error(tmp_path):
-    write(tmp_path / "t_000001.bin", np.arange(50))
-    with pytest.raises(SystemExit, match="shorter than one micro-step window"):
-        train.DistributedDataLoader(str(tmp_path / "t_*.bin"), B=4, T=16, rank=0, world=1, device=CPU)
+def test_shards_without_tokens_are_an_error(tmp_path):
+    write(tmp_path / "t_000001.bin", np.arange(0))
+    with pytest.raises(SystemExit, match="hold no tokens"):
+        train.DistributedDataLoader(str(tmp_path / "t_*.bin"), T=16, rank=0, world=1, device=CPU)
 
 
 def test_val_tokens_are_the_first_n_plus_one_across_shards(tmp_path):

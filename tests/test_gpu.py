@@ -230,11 +230,12 @@ def sdpa_ops_used(step):
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_sdpa_backend(script, record):
-    """A training forward+backward at 124M widths (768 wide, 12 heads, seq_len 1024; 2 layers, batch 2, bf16):
-    which backend the default dispatch picks, and whether the flash backend alone can run it. The baseline must
-    run on flash; an idea script that cannot is recorded, not failed."""
+    """--attention=sdpa (the fixed-length causal path for platforms without FlexAttention), a training forward+backward
+    at 124M widths (768 wide, head_dim 128, rows of 1024; 2 layers, batch 2, bf16): which backend the default
+    dispatch picks, and whether the flash backend alone can run it. The baseline must run on flash; an idea script
+    that cannot is recorded, not failed."""
     module = load_script(script)
-    args, _ = module.parse_args(["--n_layer=2"])
+    args, _ = module.parse_args(["--n_layer=2", "--attention=sdpa", "--seq_len=1024"])
     before = kernels.is_enabled()
     kernels.set_enabled(False)  # attention is the subject; the head's CE takes its plain path
     try:
@@ -267,13 +268,36 @@ def test_sdpa_backend(script, record):
         assert flash == "runs", f"the baseline's attention must run on the flash backend: {flash}"
 
 
+def test_flex_attention_on_the_gpu_matches_a_dense_mask(record):
+    """FlexAttention compiled for the GPU, forward and backward in bf16 at head_dim 128, with documents and a window:
+    the same as SDPA with the dense mask of the same keys."""
+    module = load_script(BASELINE)
+    g = generator(7)
+    T = 4096
+    idx = torch.randint(0, 50000, (1, T), device="cuda", generator=g)
+    idx[0, torch.randint(0, T, (12,), device="cuda", generator=g)] = 50256
+    docs = (idx == 50256).cumsum(1)
+    window = torch.tensor(896, device="cuda")
+    q, k, v = (torch.randn(1, 6, T, 128, device="cuda", generator=g).bfloat16() for _ in range(3))
+    flex = torch.compile(module.attend)
+    got, got_grads = with_grads(lambda a, b, c: flex(a, b, c, module.document_mask(docs, window)), [q, k, v])
+    with torch.no_grad():
+        pos = torch.arange(T, device="cuda")
+        dense = ((pos[:, None] >= pos[None]) & (pos[:, None] - pos[None] < 896) & (docs[0][:, None] == docs[0][None]))
+    want, want_grads = with_grads(lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(
+        a.float(), b.float(), c.float(), attn_mask=dense), [q, k, v])
+    check_close(record, "output", got, want, 2e-2)
+    for name, a, b in zip("qkv", got_grads, want_grads):
+        check_close(record, f"grad {name}", a, b, 3e-2)
+
+
 # ---- (d) fused AdamW ----
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_fused_adamw_matches_unfused(record, weight_decay):
     """The scripts build AdamW with fused=True on CUDA; its steps must be the for-loop AdamW's."""
     module = load_script(BASELINE)
-    args, _ = module.parse_args(["--n_layer=1", "--n_embd=128", "--n_head=2", "--vocab_size=1024", "--seq_len=64",
+    args, _ = module.parse_args(["--n_layer=1", "--n_embd=128", "--n_head=2", "--vocab_size=1024",
                                  f"--weight_decay={weight_decay}"])
     model = module.GPT(module.GPTConfig.from_args(args)).cuda()
     adam = module.build_optimizers(model, args, torch.device("cuda"))[0]

@@ -17,9 +17,10 @@ def train(module, shards, log_dir, **flags):
 
 
 def test_compile_matches_eager_and_never_recompiles_after_the_first_evaluation(shards, tmp_path, monkeypatch):
-    """--compile=1 on CPU (Inductor): the compile warm-up, then 6 steps with 4 validations. The losses equal the eager
-    run's, and the graph count after the first validation (which compiles the eval graph) never grows: not for the
-    LR and momentum schedules, the model's schedule hook, the later validations, nor the warm-up's weight reset."""
+    """--compile=1 on CPU (Inductor): the compile warm-up, then 6 steps with 4 validations, the batch doubling and the
+    window growing from 1 to 2 blocks halfway. The losses equal the eager run's, and the graph count after the first
+    validation (which compiles the eval graph) never grows: not for the batch, window, LR and momentum schedules, the
+    later validations, nor the warm-up's weight reset."""
     from torch._dynamo.utils import counters
     module = load_script(ROOT / "train_gpt2.py")
     graphs_after_evaluation = []
@@ -31,9 +32,11 @@ def test_compile_matches_eager_and_never_recompiles_after_the_first_evaluation(s
         return loss
 
     monkeypatch.setattr(module, "evaluate", counted)
-    eager = train(module, shards, tmp_path / "eager", num_iterations=6, val_every=2, compile=0)
+    schedules = dict(num_iterations=6, val_every=2, batch_tokens=512, batch_stages=2, window_blocks="1,2")
+    eager = train(module, shards, tmp_path / "eager", compile=0, **schedules)
     graphs_after_evaluation.clear()
-    compiled = train(module, shards, tmp_path / "compiled", num_iterations=6, val_every=2, compile=1)
+    compiled = train(module, shards, tmp_path / "compiled", compile=1, **schedules)
+    assert "accumulation 1, 2 (batch stages 256, 512 tokens)" in next((tmp_path / "compiled").glob("*.txt")).read_text()
     assert compiled[2]["compile_warmup_s"] > 0
     for step, loss in eager[0].items():  # train losses
         assert compiled[0][step] == pytest.approx(loss, abs=2e-4)
@@ -61,8 +64,8 @@ def test_autocast_trains_on_cpu(shards, tmp_path, monkeypatch, dtype, scaled):
 
 
 def test_ddp_around_a_compiled_model_on_two_gloo_processes(shards, tmp_path):
-    """torch.compile(DDP(model)) with 2 CPU processes x 4 sequences == 1 eager process x 2 accumulation steps."""
-    args = small_args(*shards, tmp_path / "ddp", num_iterations=3, val_every=3, device_batch_size=4, compile=1)
+    """torch.compile(DDP(model)) with 2 CPU processes x 128 tokens == 1 eager process x 2 accumulation steps."""
+    args = small_args(*shards, tmp_path / "ddp", num_iterations=3, val_every=3, device_batch_tokens=128, compile=1)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(ROOT / "train_gpt2.py"), *args], env=env, capture_output=True, text=True, timeout=900)
@@ -71,7 +74,7 @@ def test_ddp_around_a_compiled_model_on_two_gloo_processes(shards, tmp_path):
     train_ddp, val_ddp, summary = read_log(ddp_log)
     assert summary["world_size"] == 2 and "compile True" in ddp_log.read_text()
     train_one, val_one, _ = train(load_script(ROOT / "train_gpt2.py"), shards, tmp_path / "one", num_iterations=3,
-                                  val_every=3, device_batch_size=4)
+                                  val_every=3, device_batch_tokens=128)
     for step in (1, 2, 3):
         assert train_ddp[step] == pytest.approx(train_one[step], abs=2e-4)
     assert val_ddp[3] == pytest.approx(val_one[3], abs=2e-4)

@@ -14,16 +14,27 @@ def tiny_model(module, **overrides):
     return module.GPT(module.GPTConfig.from_args(args)).eval(), args
 
 
-def test_124m_preset_parameter_count_on_meta_device():
+def test_124m_preset_parameter_count_and_flops_on_meta_device():
+    """278.1M parameters: five 50304 x 768 tables (the token embedding, the untied head, 3 value embeddings), 84.9M in
+    the blocks (GPT-2 small's "85M non-embedding"), 54 scalars. Training FLOPs per token: 6 per weight that multiplies
+    (blocks and head; embedding lookups are free) plus attention, counted here over a causal row of the last stage's
+    long window (1408 tokens) as SDPA counts it: 12 * layers * width * keys."""
+    from torch.utils.flop_counter import FlopCounterMode
     module = load_script(ROOT / "train_gpt2.py")
-    args, _ = module.parse_args([])
+    args, _ = module.parse_args(["--attention=sdpa", "--seq_len=1408"])
     with torch.device("meta"):
         model = module.GPT(module.GPTConfig.from_args(args))
     n_params = sum(p.numel() for p in model.parameters())
-    embedding = 50304 * 768  # the input embedding and the untied head each
+    table = 50304 * 768
     blocks = 12 * (4 * 768 * 768 + 2 * 768 * 3072)  # attention q, k, v, proj + the 4x MLP
-    assert n_params == 2 * embedding + blocks == 162_201_600
-    assert blocks == 84_934_656  # GPT-2 small's 85M non-embedding parameters ("124M" counts a tied head)
+    scalars = 12 * 2 + 12 * 2 + 6  # block lambdas (x0), attention lambdas (value embeddings), U-net skip weights
+    assert blocks == 84_934_656 and n_params == 5 * table + blocks + scalars == 278_102_070
+    counter = FlopCounterMode(display=False)
+    with counter, torch.device("meta"):
+        idx = torch.zeros(1, 1408, dtype=torch.long)
+        model(idx, idx).backward()
+    flops_per_token = counter.get_total_flops() / 1408
+    assert flops_per_token == 6 * (blocks + table) + 12 * 12 * 768 * 1408 == 897_122_304
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -48,11 +59,15 @@ def test_shapes_and_first_loss(script):
 @pytest.mark.parametrize("script", [s for s in SCRIPTS if hasattr(load_script(s).GPT, "forward_cached")],
                          ids=lambda p: p.name)
 def test_kv_cache_decoding_matches_the_full_forward(script):
+    """Decoding with the cache = the full forward, across document boundaries (EOT tokens) and past the windows
+    (whole 128-token blocks would hide nothing in 20 tokens: this model's long and short windows are 6 and 3)."""
     module = load_script(script)
-    model, _ = tiny_model(module)
+    model, _ = tiny_model(module, vocab_size=50304, n_layer=4)  # layers: long, short, short, long window
     for p in model.parameters():  # zero-initialised projections would hide cache bugs
         torch.nn.init.normal_(p, std=0.05)
-    idx = torch.randint(0, 512, (2, 20))
+    model.windows_at = lambda progress: torch.tensor([6, 3])
+    idx = torch.randint(0, 50000, (2, 20))
+    idx[0, 9] = idx[1, 3] = idx[1, 15] = 50256  # documents begin mid-sequence
     with torch.no_grad():
         full = model(idx)
         logits, cache = model.forward_cached(idx[:, :7])  # prefill, then a block of 5, then one at a time

@@ -52,7 +52,8 @@ def test_every_parameter_is_in_exactly_one_group(script):
 
 
 def test_lr_schedule_warmup_constant_cooldown():
-    args, _ = train.parse_args(["--num_iterations=100", "--cooldown_frac=0.4", "--warmup_steps=10"])
+    args, _ = train.parse_args(["--num_iterations=100", "--cooldown_frac=0.4", "--warmup_steps=10", "--lr_floor=0",
+                                "--batch_stages=1"])
     factors = [train.lr_factor(step, train.run_progress(step, args), args) for step in range(101)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0
     assert all(f == 1.0 for f in factors[10:61])
@@ -60,8 +61,23 @@ def test_lr_schedule_warmup_constant_cooldown():
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
 
 
+def test_batch_stages_and_their_lr_multipliers():
+    """2025-11-29: a third of the batch, two thirds, all of it, at 1, 2**0.6 and 3**0.6 times the LR; the cool-down
+    (the last 45%) ends at lr_floor = 0.1 of the stage's LR."""
+    args, _ = train.parse_args(["--num_iterations=300"])
+    assert train.stage_batches(args) == [131072, 262144, 393216]
+    stages = [train.batch_stage(train.run_progress(step, args), args) for step in (0, 99, 100, 199, 200, 299)]
+    assert [s[0] for s in stages] == [131072, 131072, 262144, 262144, 393216, 393216]
+    assert [s[1] for s in stages] == pytest.approx([1, 1, 2 ** 0.6, 2 ** 0.6, 3 ** 0.6, 3 ** 0.6])
+    assert train.lr_factor(150, 0.5, args) == pytest.approx(2 ** 0.6)  # the cool-down starts at 0.55
+    left = 0.2 / 0.45
+    assert train.lr_factor(240, 0.8, args) == pytest.approx(3 ** 0.6 * (left + (1 - left) * 0.1))
+    assert train.lr_factor(300, 1.0, args) == pytest.approx(3 ** 0.6 * 0.1)
+
+
 def test_with_a_time_budget_the_cooldown_follows_the_clock():
-    args, _ = train.parse_args(["--num_iterations=1000000", "--cooldown_frac=0.5", "--time_budget_s=60"])
+    args, _ = train.parse_args(["--num_iterations=1000000", "--cooldown_frac=0.5", "--time_budget_s=60",
+                                "--lr_floor=0", "--batch_stages=1"])
     assert train.run_progress(10, args, elapsed=45.0) == pytest.approx(0.75)
     assert train.run_progress(10, args, elapsed=75.0) == 1.0
     assert train.run_progress(900000, args, elapsed=1.0) == pytest.approx(0.9)  # steps can be further along

@@ -15,10 +15,10 @@ from tests.helpers import ROOT, SCRIPTS, load_script, small_args
 
 @pytest.fixture(scope="module")
 def checkpoint(shards, tmp_path_factory):
-    """A real checkpoint of the baseline: 6 steps on the synthetic shards (vocab 256, seq_len 32)."""
+    """A real checkpoint of the baseline: 6 steps on the synthetic shards (vocab 256, 32-token streams)."""
     log_dir = tmp_path_factory.mktemp("sample_ckpt")
     summary = load_script(ROOT / "train_gpt2.py").main(
-        small_args(*shards, log_dir, num_iterations=6, val_every=0, save_every=6))
+        small_args(*shards, log_dir, num_iterations=6, val_every=0, save_every=6, device_batch_tokens=32))
     return summary["last_checkpoint"]
 
 
@@ -30,7 +30,7 @@ def model(checkpoint):
 def random_model(script, seq_len=16):
     """A script's tiny model with random weights (zero-initialised projections would make every logit equal)."""
     module = load_script(script)
-    args, _ = module.parse_args(["--preset=tiny", "--vocab_size=512", f"--seq_len={seq_len}"])
+    args, _ = module.parse_args(["--preset=tiny", "--vocab_size=512", f"--device_batch_tokens={seq_len}"])
     torch.manual_seed(0)
     model = module.GPT(module.GPTConfig.from_args(args)).eval()
     with torch.no_grad():
@@ -183,7 +183,7 @@ def test_corrupt_and_mismatched_checkpoints_fail_clearly(checkpoint, tmp_path):
         sample.load_checkpoint(tmp_path / "config.pt")
     wide = {**ckpt["model_config"], "n_embd": 32}
     torch.save({**ckpt, "model_config": wide}, tmp_path / "shape.pt")
-    shape_error = r"(?s)weights do not fit train_gpt2.py's GPT:\n  size mismatch for wte.weight.*and 10 more"
+    shape_error = r"(?s)weights do not fit train_gpt2.py's GPT:\n  size mismatch for wte.weight.*and 11 more"
     with pytest.raises(SystemExit, match=shape_error):
         sample.load_checkpoint(tmp_path / "shape.pt")
 

@@ -70,18 +70,21 @@ def test_logs_are_never_overwritten(shards, tmp_path):
     assert len(list(tmp_path.glob("*.txt"))) == 2
 
 
-def test_resume_continues_the_same_curve(shards, tmp_path):
+def test_resume_mid_schedule_continues_the_same_curve(shards, tmp_path):
+    """Three batch and window stages over 9 steps (256, 512, 768 tokens a step; windows of 1, 2, 3 blocks): resumed
+    at step 4, in the second stage, the run crosses into the third exactly as the uninterrupted one did."""
     module = load_script(ROOT / "train_gpt2.py")
-    full = module.main(small_args(*shards, tmp_path / "a", num_iterations=8, save_every=4, val_every=4))
+    schedules = dict(batch_tokens=768, batch_stages=3, window_blocks="1,2,3")
+    full = module.main(small_args(*shards, tmp_path / "a", num_iterations=9, save_every=4, val_every=4, **schedules))
     ckpt = tmp_path / "a" / full["run_id"] / "ckpt_step000004.pt"
-    assert ckpt.exists() and (tmp_path / "a" / full["run_id"] / "ckpt_step000008.pt").exists()
+    assert ckpt.exists() and (tmp_path / "a" / full["run_id"] / "ckpt_step000009.pt").exists()
     resumed = module.main([f"--resume={ckpt}", f"--log_dir={tmp_path / 'b'}"])
     train_a, val_a, _ = read_log(tmp_path / "a" / f"{full['run_id']}.txt")
     train_b, val_b, _ = read_log(tmp_path / "b" / f"{resumed['run_id']}.txt")
-    assert sorted(train_b) == [5, 6, 7, 8]
+    assert sorted(train_b) == [5, 6, 7, 8, 9] and full["tokens_seen"] == 3 * (256 + 512 + 768)
     for step in train_b:
         assert train_b[step] == pytest.approx(train_a[step], abs=1e-6)
-    assert val_b[8] == pytest.approx(val_a[8], abs=1e-6)
+    assert val_b[9] == pytest.approx(val_a[9], abs=1e-6)
     assert resumed["tokens_seen"] == full["tokens_seen"]
 
 
@@ -109,7 +112,7 @@ def test_time_budget_ends_the_run_with_a_validation(shards, tmp_path):
     summary = load_script(ROOT / "train_gpt2.py").main(
         small_args(*shards, tmp_path, num_iterations=100000, val_every=0, time_budget_s=2))
     train, val, _ = read_log(tmp_path / f"{summary['run_id']}.txt")
-    assert 2.0 <= summary["train_time_s"] < 4.0 and 0 < summary["steps"] < 100000
+    assert 2.0 <= summary["train_time_s"] < 8.0 and 0 < summary["steps"] < 100000  # the budget and the last step
     assert sorted(val) == [summary["steps"]] and max(train) == summary["steps"]  # val_every=0: only the last
 
 
@@ -121,25 +124,26 @@ def test_model_schedule_hook_sees_the_progress_before_every_step(shards, tmp_pat
     assert seen == [0.0, 0.25, 0.5, 0.75]
 
 
-def test_auto_device_batch_size_on_cpu(shards, tmp_path):
+def test_auto_device_batch_tokens_on_cpu(shards, tmp_path):
     summary = load_script(ROOT / "train_gpt2.py").main(
-        small_args(*shards, tmp_path, num_iterations=1, device_batch_size="auto"))
-    assert "micro-batch 8 x 32 x accumulation 1" in (tmp_path / f"{summary['run_id']}.txt").read_text()
+        small_args(*shards, tmp_path, num_iterations=1, device_batch_tokens="auto", batch_tokens=512, batch_stages=2))
+    assert "micro-batch 256 tokens x accumulation 1, 2 (batch stages 256, 512 tokens)" in (
+        tmp_path / f"{summary['run_id']}.txt").read_text()
 
 
-def test_pick_device_batch_size_takes_the_largest_divisor_that_fits():
+def test_pick_device_batch_tokens_takes_the_largest_divisor_that_fits():
     module = load_script(ROOT / "train_gpt2.py")
-    assert module.pick_device_batch_size(64, lambda b: b <= 20) == 16
-    assert module.pick_device_batch_size(12, lambda b: b <= 5) == 4
+    assert module.pick_device_batch_tokens(64, lambda b: b <= 20) == 16
+    assert module.pick_device_batch_tokens(12, lambda b: b <= 5) == 4
     with pytest.raises(SystemExit, match="activation_checkpointing"):
-        module.pick_device_batch_size(8, lambda b: False)
+        module.pick_device_batch_tokens(8, lambda b: False)
 
 
 def test_activation_checkpointing_and_accumulation_keep_the_numbers(shards, tmp_path):
     module = load_script(ROOT / "train_gpt2.py")
     base = module.main(small_args(*shards, tmp_path / "a", num_iterations=3))
     other = module.main(small_args(*shards, tmp_path / "b", num_iterations=3, activation_checkpointing=1,
-                                   device_batch_size=2))
+                                   device_batch_tokens=256))
     train_a, _, _ = read_log(tmp_path / "a" / f"{base['run_id']}.txt")
     train_b, _, _ = read_log(tmp_path / "b" / f"{other['run_id']}.txt")
     for step in (1, 2, 3):
@@ -147,15 +151,15 @@ def test_activation_checkpointing_and_accumulation_keep_the_numbers(shards, tmp_
 
 
 def test_torchrun_two_processes_match_one_process_with_accumulation(shards, tmp_path):
-    """2 CPU processes (gloo, DDP) x 4 sequences == 1 process x 2 accumulation steps x 4 sequences."""
-    args = small_args(*shards, tmp_path / "ddp", num_iterations=4, val_every=4, device_batch_size=4)
+    """2 CPU processes (gloo, DDP) x 128 tokens == 1 process x 2 accumulation steps x 128 tokens."""
+    args = small_args(*shards, tmp_path / "ddp", num_iterations=4, val_every=4, device_batch_tokens=128)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(ROOT / "train_gpt2.py"), *args], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ddp_log = next((tmp_path / "ddp").glob("*.txt"))
     single = load_script(ROOT / "train_gpt2.py").main(
-        small_args(*shards, tmp_path / "one", num_iterations=4, val_every=4, device_batch_size=4))
+        small_args(*shards, tmp_path / "one", num_iterations=4, val_every=4, device_batch_tokens=128))
     train_ddp, val_ddp, summary_ddp = read_log(ddp_log)
     train_one, val_one, _ = read_log(tmp_path / "one" / f"{single['run_id']}.txt")
     assert summary_ddp["world_size"] == 2 and "accumulation 1" in ddp_log.read_text()
@@ -167,8 +171,10 @@ def test_torchrun_two_processes_match_one_process_with_accumulation(shards, tmp_
 @pytest.mark.parametrize("flag, message", [
     ("--train_files=/nonexistent/x_*.bin", r"(?s)no files match --train_files=/nonexistent/x_\*\.bin.*fineweb\.py --shards"),
     ("--val_tokens=1000000", r"hold 8192 tokens, fewer than --val_tokens=1000000"),
-    ("--device_batch_size=3", r"--device_batch_size=3 does not divide the 8 sequences"),
-    ("--batch_tokens=100", r"--batch_tokens=100 is not a multiple of --seq_len=32"),
+    ("--device_batch_tokens=96", r"--device_batch_tokens=96 must divide the first batch stage's 256 tokens"),
+    ("--batch_stages=3", r"--batch_tokens=256 does not split into --batch_stages=3 stages x 1 processes"),
+    ("--val_tokens=2000", r"--val_tokens=2000 is not a multiple of --device_batch_tokens=256 x 1 processes"),
+    ("--attention=sdpa", r"--device_batch_tokens=256 must divide .* and be a multiple of --seq_len=1024"),
     ("--resume=/nonexistent.pt", r"no such checkpoint"),
 ])
 def test_bad_input_is_a_clear_error(shards, tmp_path, flag, message):
@@ -363,7 +369,7 @@ def test_ctrl_c_and_sigterm_leave_a_summary_and_exit_non_zero(shards, tmp_path, 
 
 def test_torchrun_prints_an_error_once(shards, tmp_path):
     """Every rank hits the same bad input; only rank 0 says so (torchrun then adds its own failure report)."""
-    args = small_args(*shards, tmp_path, val_tokens=1000000)
+    args = small_args(*shards, tmp_path, val_tokens=1000000, device_batch_tokens=128)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(ROOT / "train_gpt2.py"), *args], env=env, capture_output=True, text=True, timeout=300)
@@ -372,24 +378,24 @@ def test_torchrun_prints_an_error_once(shards, tmp_path):
 
 
 def test_probe_fits_runs_a_real_step_against_a_memory_budget(monkeypatch):
-    """probe_fits itself, with a fake device memory: 1 MB per sequence of activations, and an out-of-memory error
-    from 8 sequences on; the optimizer states (8 bytes a weight) count against the budget too."""
+    """probe_fits itself, with a fake device memory: 1 MB per token of activations, and an out-of-memory error
+    from 8 tokens on; the optimizer states (8 bytes a weight) count against the budget too."""
     module = load_script(ROOT / "train_gpt2.py")
-    args, _ = module.parse_args(["--preset=tiny", "--vocab_size=256", "--seq_len=16"])
+    args, _ = module.parse_args(["--preset=tiny", "--vocab_size=256"])
     model = module.GPT(module.GPTConfig.from_args(args))
     seen = []
 
     def record(_, inputs):
-        seen.append(inputs[0].shape[0])
+        seen.append(inputs[0].numel())
         if seen[-1] >= 8:
             raise torch.OutOfMemoryError("fake: out of memory")
 
     model.register_forward_pre_hook(record)
     optimizer_bytes = 8 * sum(p.numel() for p in model.parameters())
-    budget = (5.5e6 + optimizer_bytes) / 0.9  # 5 sequences fit, 6 do not
+    budget = (5.5e6 + optimizer_bytes) / 0.9  # 5 tokens fit, 6 do not
     monkeypatch.setattr(module, "memory_stats", lambda device: (1e6 * seen[-1], budget))
     fits = lambda b: module.probe_fits(model, args, torch.device("cpu"), contextlib.nullcontext(), b)  # noqa: E731
-    assert module.pick_device_batch_size(16, fits) == 4 and seen == [16, 8, 4]
+    assert module.pick_device_batch_tokens(16, fits) == 4 and seen == [16, 8, 4]
     assert fits(5) and not fits(6) and not fits(12)
     assert all(p.grad is None for p in model.parameters())  # a probe leaves no gradients behind
 
@@ -398,13 +404,14 @@ def _agree_worker(rank, store_path, out_dir):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
     module = load_script(ROOT / "train_gpt2.py")
-    module.pick_device_batch_size = lambda per_rank, fits: [8, 2][rank]  # each rank's own probe disagrees
+    module.pick_device_batch_tokens = lambda per_rank, fits: [8, 2][rank]  # each rank's own probe disagrees
+    args, _ = module.parse_args([])
     run = types.SimpleNamespace(device=torch.device("cpu"), use_compile=False, world=2)
-    size = module.auto_device_batch_size(None, None, run, 16)
+    size = module.auto_device_batch_tokens(None, args, run, 16)
     (Path(out_dir) / f"rank{rank}").write_text(str(size))
     dist.destroy_process_group()
 
 
-def test_auto_device_batch_size_is_agreed_on_by_every_rank(tmp_path):
+def test_auto_device_batch_tokens_is_agreed_on_by_every_rank(tmp_path):
     torch.multiprocessing.spawn(_agree_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
     assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["2", "2"]

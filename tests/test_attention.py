@@ -1,0 +1,131 @@
+"""v2's attention, for every script: documents are isolated, keys beyond a layer's window have no effect, and
+FlexAttention's block mask computes exactly what a dense mask does. Each check is shown to catch a model that
+breaks its promise."""
+import pytest
+import torch
+
+from tests.helpers import ROOT, SCRIPTS, load_script, random_model
+
+EOT = 50256
+
+
+def outputs(model, idx, grad):
+    """Every output (name -> tensor with time on dim 1), on FlexAttention's path (no grad, CPU) or the dense one."""
+    with torch.set_grad_enabled(grad):
+        return {name: out.detach() for name, (out, _) in model.causal_outputs(idx).items()}
+
+
+def document_leaks(model, grad):
+    """Change every token of the first document: a later document's outputs (its tokens from position 12 on) must not
+    move. Returns how far they moved, per output."""
+    torch.manual_seed(1)
+    idx = torch.randint(0, 50000, (2, 40))
+    idx[:, 0] = idx[:, 12] = EOT
+    idx[1, 30] = EOT  # a third document in row 1
+    changed = idx.clone()
+    changed[:, 1:12] = (idx[:, 1:12] + 7) % 50000
+    a, b = outputs(model, idx, grad), outputs(model, changed, grad)
+    return {name: (a[name][:, 12:] - b[name][:, 12:]).abs().max().item() for name in a}
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["flex", "dense"])
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_an_earlier_document_never_changes_a_later_one(script, grad):
+    model = random_model(load_script(script), "--n_layer=4")
+    assert all(moved == 0.0 for moved in document_leaks(model, grad).values()), document_leaks(model, grad)
+
+
+def test_the_document_check_catches_a_model_without_document_masks(monkeypatch):
+    module = load_script(ROOT / "train_gpt2.py")
+    model = random_model(module, "--n_layer=4")
+    mask = module.document_mask
+    monkeypatch.setattr(module, "document_mask", lambda docs, *a, **k: mask(torch.zeros_like(docs), *a, **k))
+    assert all(moved > 1e-3 for moved in document_leaks(model, grad=False).values())
+
+
+def window_effects(model, grad, window=128):
+    """In a one-layer model with a 128-token window, change tokens 0..49: positions >= 50 + 127 cannot see them (no
+    effect), position 150 can (an effect)."""
+    torch.manual_seed(2)
+    idx = torch.randint(0, 50000, (1, 260))
+    changed = idx.clone()
+    changed[:, :50] = (idx[:, :50] + 7) % 50000
+    a, b = outputs(model, idx, grad)["logits"], outputs(model, changed, grad)["logits"]
+    return (a[:, 50 + window - 1:] - b[:, 50 + window - 1:]).abs().max().item(), (a[:, 150] - b[:, 150]).abs().max().item()
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["flex", "dense"])
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_keys_beyond_the_window_have_no_effect(script, grad):
+    model = random_model(load_script(script), "--n_layer=1", "--window_blocks=1", "--device_batch_tokens=260")
+    beyond, within = window_effects(model, grad)
+    assert beyond == 0.0 and within > 1e-3
+
+
+def test_the_window_check_catches_a_wider_window():
+    model = random_model(load_script(ROOT / "train_gpt2.py"), "--n_layer=1", "--window_blocks=2",
+                         "--device_batch_tokens=260")  # 256 tokens: position 177 still sees token 0
+    assert window_effects(model, grad=False)[0] > 1e-3
+
+
+def test_windows_follow_the_schedule_in_place():
+    """Long windows of 3, 7, 11 blocks over thirds of training, short ones half as long; evaluation uses the last."""
+    module = load_script(ROOT / "train_gpt2.py")
+    args, _ = module.parse_args(["--preset=tiny", "--window_blocks=3,7,11"])
+    model = module.GPT(module.GPTConfig.from_args(args))
+    buffer = model.windows
+    seen = []
+    for progress in (0.0, 0.3, 0.34, 0.66, 0.67, 1.0):
+        model.schedule(progress)
+        seen.append(model.windows.tolist())
+    assert model.windows is buffer  # changed in place: a compiled graph keeps reading the same tensor
+    assert seen == [[384, 128], [384, 128], [896, 384], [896, 384], [1408, 640], [1408, 640]]
+    assert model.windows_at(1.0).tolist() == [1408, 640]
+
+
+@pytest.mark.parametrize("window", [128, 256, 37])
+def test_flex_attention_equals_a_dense_masked_reference(window):
+    """document_mask's FlexAttention block mask and its dense mask both equal a mask written out by hand."""
+    module = load_script(ROOT / "train_gpt2.py")
+    torch.manual_seed(3)
+    T = 300
+    idx = torch.randint(0, 50000, (2, T))
+    idx[0, [0, 40, 41, 200]] = EOT
+    idx[1, [100]] = EOT
+    docs = (idx == EOT).cumsum(1)
+    q, k, v = (torch.randn(2, 3, T, 16) for _ in range(3))
+    w = torch.tensor(window)
+    with torch.no_grad():
+        block_mask = module.document_mask(docs, w)
+        flex = module.attend(q, k, v, block_mask)
+    with torch.enable_grad():
+        dense_mask = module.document_mask(docs, w)
+    by_hand = torch.zeros(2, 1, T, T, dtype=torch.bool)
+    for b in range(2):
+        for i in range(T):
+            for j in range(max(0, i - window + 1), i + 1):
+                by_hand[b, 0, i, j] = bool(docs[b, i] == docs[b, j])
+    assert isinstance(block_mask, module.BlockMask) and torch.equal(dense_mask, by_hand)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=by_hand)
+    torch.testing.assert_close(flex, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(module.attend(q, k, v, dense_mask), reference, atol=1e-6, rtol=1e-6)
+
+
+def test_sdpa_attention_is_causal_rows_and_decodes_with_its_cache(shards, tmp_path):
+    """--attention=sdpa: a stream is cut into rows of seq_len, each causal on its own (no document masks, no windows);
+    the cache decodes as the full forward does; and it trains."""
+    from tests.helpers import small_args
+    module = load_script(ROOT / "train_gpt2.py")
+    model = random_model(module, "--attention=sdpa", "--seq_len=16", "--n_layer=2")
+    idx = torch.randint(0, 50000, (1, 32))
+    changed = idx.clone()
+    changed[:, 16:] = (idx[:, 16:] + 7) % 50000
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+        assert a.shape == (2, 16, 50304) and torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+        row = idx[:, :16]
+        logits, cache = model.forward_cached(row[:, :5])
+        parts = [logits] + [model.forward_cached(row[:, t:t + 1], cache)[0] for t in range(5, 16)]
+    torch.testing.assert_close(torch.cat(parts, 1), model(row), atol=1e-4, rtol=1e-4)
+    summary = module.main(small_args(*shards, tmp_path, attention="sdpa", seq_len=32, num_iterations=12))
+    assert summary["final_val_loss"] < 5.0  # from ln(256) = 5.55
