@@ -728,16 +728,16 @@ def run_progress(step, args, elapsed=0.0):
     return min(1.0, progress)
 
 
-def batch_stage(progress, args):
-    """(tokens in this step's batch, its LR multiplier): stage s = 1..batch_stages of the run trains on
-    s/batch_stages of batch_tokens, at s**0.6 times the LR ((batch ratio)**0.6, the 2025-11-29 record's rule)."""
-    stage = min(int(progress * args.batch_stages), args.batch_stages - 1) + 1
-    return args.batch_tokens * stage // args.batch_stages, stage ** 0.6
-
-
 def stage_batches(args):
-    """The batch of every stage, in tokens."""
+    """The batch of every stage, in tokens: stage s = 1..batch_stages trains on s/batch_stages of batch_tokens."""
     return [args.batch_tokens * s // args.batch_stages for s in range(1, args.batch_stages + 1)]
+
+
+def batch_stage(progress, args):
+    """(tokens in this step's batch, its LR multiplier): stage s runs at s**0.6 times the LR ((batch ratio)**0.6,
+    the 2025-11-29 record's rule)."""
+    stage = min(int(progress * args.batch_stages), args.batch_stages - 1)
+    return stage_batches(args)[stage], (stage + 1) ** 0.6
 
 
 def lr_factor(step, progress, args):

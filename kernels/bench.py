@@ -55,7 +55,7 @@ def measure(fn, device, warmup, reps):
 
 def _variants(triton_fn, reference_fn, device, compile_reference):
     """(name, fn or None-with-reason) for the three variants of one kernel."""
-    if use_triton(torch.empty(0, device=device), allow_interpreter=True):
+    if use_triton(torch.empty(0, device=device)):
         yield "triton", triton_fn
     else:
         yield "triton", "skipped (no CUDA or no triton)"
