@@ -268,6 +268,9 @@ class GPT(nn.Module):
         nn.init.zeros_(self.lm_head.weight)  # zero-init head: the first loss is exactly ln(vocab_size)
         # the long and short attention windows in tokens, set in place by schedule() so compiled graphs never change
         self.register_buffer("windows", self.windows_at(0.0), persistent=False)
+        # evaluation's and decoding's: a buffer too, since a tensor made inside a compiled forward breaks Inductor's
+        # FlexAttention mask code on CUDA (torch 2.11: "XBLOCK is not defined", found by the GPU check)
+        self.register_buffer("final_windows", self.windows_at(1.0), persistent=False)
 
     def windows_at(self, progress):
         """(long, short) windows in tokens at this point of training: blocks[stage], and half that (at least one)."""
@@ -289,7 +292,7 @@ class GPT(nn.Module):
         docs = (idx == EOT).cumsum(1)
         if past:  # decoding: new tokens continue the cached tokens' last document
             docs = torch.cat((past_docs, past_docs[:, -1:] + docs), dim=1)
-        windows = self.windows if self.training else self.windows_at(1.0).to(idx.device)
+        windows = self.windows if self.training else self.final_windows
         used = {block.long_window for block in self.blocks}
         masks = {long: document_mask(docs, windows[0 if long else 1], past) for long in used}
         return masks, docs

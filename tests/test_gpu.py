@@ -297,7 +297,7 @@ def test_flex_attention_on_the_gpu_matches_a_dense_mask(record):
 def test_fused_adamw_matches_unfused(record, weight_decay):
     """The scripts build AdamW with fused=True on CUDA; its steps must be the for-loop AdamW's."""
     module = load_script(BASELINE)
-    args, _ = module.parse_args(["--n_layer=1", "--n_embd=128", "--n_head=2", "--vocab_size=1024",
+    args, _ = module.parse_args(["--n_layer=2", "--n_embd=128", "--n_head=2", "--vocab_size=1024",
                                  f"--weight_decay={weight_decay}"])
     model = module.GPT(module.GPTConfig.from_args(args)).cuda()
     adam = module.build_optimizers(model, args, torch.device("cuda"))[0]
