@@ -9,6 +9,8 @@ Attention models must match exactly; a model may set `GPT.causality_tolerance` (
 when its arithmetic reorders with the sequence (an FFT mixer, ~1e-5), far below any real leak. Each check is
 shown to fail on a deliberately leaky variant.
 """
+import math
+
 import pytest
 import torch
 
@@ -53,8 +55,10 @@ def find_leaks(model):
             if last < 0:
                 continue
             a, b = out[:, :last + 1].float(), other[name][0][:, :last + 1].float()
-            err = (a - b).abs().max().item()
-            if err > tolerance * out.float().abs().max().item():
+            # equal infinities (a masked-out logit) are unchanged; a NaN or an infinity that moved is a leak
+            err = (a - b).abs().masked_fill(a == b, 0).nan_to_num(nan=math.inf).max().item()
+            finite = out.float()[out.float().isfinite()]
+            if err > tolerance * (finite.abs().max().item() if finite.numel() else 1.0):
                 leaks.append(f"{name}: changing tokens after {t} moved positions <= {last} by {err:.3g}")
 
     captured, hooks = embedding_outputs(model)
@@ -72,7 +76,7 @@ def find_leaks(model):
                 for e in embedded:
                     later = e.grad[:, p + lookahead + 1:] if e.grad is not None else torch.zeros(0)
                     scale = max(e.grad.abs().max().item(), 1e-30) if e.grad is not None else 1.0
-                    if later.numel() and later.abs().max().item() > tolerance * scale:
+                    if later.numel() and not later.abs().max().item() <= tolerance * scale:  # NaN: a leak too
                         leaks.append(f"{name}: position {p} has a gradient from positions > {p + lookahead}")
     finally:
         for h in hooks:
@@ -97,3 +101,24 @@ def test_a_leaky_variant_is_caught(script):
     for h in hooks:
         h.remove()
     assert any("changing tokens" in s for s in leaks) and any("gradient" in s for s in leaks), leaks
+
+
+def test_a_leak_into_masked_out_logits_is_caught():
+    """-inf logits (a masked vocabulary, as LightRNN's empty cells) must not blind the check: -inf - -inf is NaN, and
+    NaN > tolerance is False. A future token that unmasks an earlier logit, or makes it NaN, is a leak."""
+    class Masked(torch.nn.Module):
+        def __init__(self, poison):
+            super().__init__()
+            self.wte, self.poison = torch.nn.Embedding(VOCAB, 4), poison
+
+        def causal_outputs(self, idx):
+            x = self.wte(idx)
+            out = torch.cat((x, torch.full_like(x[..., :1], -math.inf)), -1)  # one logit masked out everywhere
+            last = idx[:, -1:, None].float()  # the last token reaches back: into the masked logit, or as NaN
+            out = out.clone()
+            out[:, :1, -1:] = self.poison(last)
+            return {"logits": (out, 0)}
+
+    assert find_leaks(Masked(lambda last: torch.full_like(last, -math.inf))) == []  # stays masked: no leak
+    for poison in (lambda last: last, lambda last: last * math.nan):
+        assert any("changing tokens" in s for s in find_leaks(Masked(poison)))

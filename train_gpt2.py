@@ -1055,10 +1055,11 @@ def train_loop(run):
                 step_ms, kilo_tok_per_s = 1000 * now / (step + 1), state["tokens_seen"] / now / 1000
                 eta = (args.num_iterations - step - 1) * step_ms / 1000
                 eta = min(eta, args.time_budget_s - now) if args.time_budget_s > 0 else eta
+                idea_stats = f" {run.raw_model.log_stats()}" if hasattr(run.raw_model, "log_stats") else ""  # MoE's load
                 log.write(f"step:{step + 1}/{args.num_iterations} train_loss:{train_loss:.4f} "
                           f"train_time:{now * 1000:.0f}ms step_avg:{step_ms:.1f}ms "
                           f"tok/s:{kilo_tok_per_s:.{0 if kilo_tok_per_s >= 100 else 1}f}k "
-                          f"eta:{format_seconds(max(0.0, eta))}")
+                          f"eta:{format_seconds(max(0.0, eta))}{idea_stats}")
     except KeyboardInterrupt:
         if t0 is not None:
             state["train_time"] += time.perf_counter() - t0

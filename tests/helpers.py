@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"  # offline proxy data (see README); tests skip without it
@@ -79,7 +80,6 @@ def small_args(train_glob, val_glob, log_dir, **overrides):
 def random_model(module, *flags):
     """A script's model (--preset=tiny plus flags) in fp32 eval mode with random weights: zero-initialised projections
     and a zero head would hide a leak, every output being the same."""
-    import torch
     args, _ = module.parse_args(["--preset=tiny", *flags])
     torch.manual_seed(0)
     model = module.GPT(module.GPTConfig.from_args(args)).float().eval()
@@ -99,3 +99,22 @@ def read_log(path):
         elif line.startswith('{"summary"'):
             summary = json.loads(line)["summary"]
     return train, val, summary
+
+
+def tokens(B, T, eots=(), seed=1):
+    """Random ids (B, T) with <|endoftext|> (a document start) at the positions eots."""
+    torch.manual_seed(seed)
+    idx = torch.randint(0, 50000, (B, T))
+    idx[:, list(eots)] = 50256
+    return idx
+
+
+def decode_in_pieces(model, idx, pieces):
+    """forward_cached over consecutive slices of idx (a prefill, blocks, single tokens): (logits, cache)."""
+    cache, out, t = None, [], 0
+    for n in pieces:
+        logits, cache = model.forward_cached(idx[:, t:t + n], cache)
+        out.append(logits)
+        t += n
+    assert t == idx.size(1)
+    return torch.cat(out, dim=1), cache

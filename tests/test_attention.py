@@ -1,6 +1,8 @@
 """v2's attention, for every script: documents are isolated, keys beyond a layer's window have no effect, and
 FlexAttention's block mask computes exactly what a dense mask does. Each check is shown to catch a model that
 breaks its promise."""
+import math
+
 import pytest
 import torch
 
@@ -25,14 +27,22 @@ def document_leaks(model, grad):
     changed = idx.clone()
     changed[:, 1:12] = (idx[:, 1:12] + 7) % 50000
     a, b = outputs(model, idx, grad), outputs(model, changed, grad)
-    return {name: (a[name][:, 12:] - b[name][:, 12:]).abs().max().item() for name in a}
+    later = {name: (a[name][:, 12:], b[name][:, 12:]) for name in a}
+    # equal infinities (masked-out logits) did not move; NaN or an infinity that moved counts as moving
+    return {name: (x - y).abs().masked_fill(x == y, 0).nan_to_num(nan=math.inf).max().item()
+            for name, (x, y) in later.items()}
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["flex", "dense"])
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_an_earlier_document_never_changes_a_later_one(script, grad):
-    model = random_model(load_script(script), "--n_layer=4")
-    assert all(moved == 0.0 for moved in document_leaks(model, grad).values()), document_leaks(model, grad)
+    module = load_script(script)
+    model = random_model(module, "--n_layer=4")
+    moved = document_leaks(model, grad)
+    if getattr(module.GPT, "crosses_documents", False):  # a mixer that sees across documents by design (AFNO's FFT
+        assert any(m > 1e-4 for m in moved.values()), moved  # over the stream): the declaration must be true
+    else:
+        assert all(m == 0.0 for m in moved.values()), moved
 
 
 def test_the_document_check_catches_a_model_without_document_masks(monkeypatch):

@@ -16,7 +16,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from tests.helpers import ROOT, load_script, read_log, small_args
+from tests.helpers import ROOT, decode_in_pieces, load_script, read_log, small_args, tokens
 
 mla = load_script(ROOT / "train_gpt2_mla.py")
 baseline = load_script(ROOT / "train_gpt2.py")
@@ -35,24 +35,6 @@ def build(*flags, randomise=True, **named):
             for p in model.parameters():
                 p.normal_(0.0, p.shape[-1] ** -0.5 if p.ndim >= 2 else 0.5)
     return model
-
-
-def tokens(B, T, eots=(), seed=1):
-    torch.manual_seed(seed)
-    idx = torch.randint(0, 50000, (B, T))
-    idx[:, list(eots)] = EOT
-    return idx
-
-
-def decode_in_pieces(model, idx, pieces):
-    """forward_cached over consecutive slices of idx (a prefill, blocks, single tokens): (logits, cache)."""
-    cache, out, t = None, [], 0
-    for n in pieces:
-        logits, cache = model.forward_cached(idx[:, t:t + n], cache)
-        out.append(logits)
-        t += n
-    assert t == idx.size(1)
-    return torch.cat(out, dim=1), cache
 
 
 def build_124m(module, *flags):
@@ -90,6 +72,7 @@ def test_absorbed_cached_decoding_matches_the_full_forward(case):
     assert all(layer["c_kv"].size(1) == idx.size(1) for layer in cache["layers"]) and torch.equal(cache["idx"], idx)
     if case.startswith("flex"):  # the window and the documents were in force where decoding ran
         model.config.window_blocks = (2,)  # long windows of 256: queries 140..149 would see the document's start
+        model.final_windows.copy_(model.windows_at(1.0))  # evaluation's windows, a buffer set at construction
         with torch.no_grad():
             wider = model(idx)
         assert (wider[:, 140:150] - full[:, 140:150]).abs().max() > 1e-3

@@ -1,0 +1,222 @@
+"""LightRNN's 2-D factorised embedding and softmax (train_gpt2_lightrnn.py): what the idea promises, as tests.
+
+Li et al. 2016, section 3: every id is one cell (row, column) of an R x C table; the input vector is the row's plus
+the column's, and p(id | h) = p(row | h) p(col | h, row). The generic tests (test_causality.py, tests/test_model.py,
+tests/test_sample.py, ...) cover the script too, the column factor included (causal_outputs returns it, one token
+ahead: it conditions on the next token's row). These check the LightRNN specifics: the table is a bijection onto its
+used cells; the joint over every cell is normalised with no mass on empty cells; the training loss is -log of the
+product computed by hand and agrees with the full distribution decoding uses; the frequency placement is deterministic,
+ranked by the train shards' counts, and survives checkpoints and resumes; sampling only emits ids of used cells;
+compile (Inductor, CPU) gives the eager losses; parameters and FLOPs at 124M; bad flags are clear errors.
+"""
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import sample
+from tests.helpers import ROOT, load_script, random_model, read_log, small_args
+
+lightrnn = load_script(ROOT / "train_gpt2_lightrnn.py")
+
+
+def build(*flags):
+    """A tiny fp32 model with random weights; vocab 512 in a 23 x 23 table by default: 17 empty cells, all in column
+    22 (rows 6..22), so the empty-cell masking is exercised."""
+    return random_model(lightrnn, "--vocab_size=512", *flags)
+
+
+def cell_probabilities(model, x):
+    """p(row, col) for every cell (..., R, C), from the two factors: the column softmax of each row in turn."""
+    per_row = []
+    for r in range(model.rows):
+        rows = torch.full(x.shape[:-1], r, dtype=torch.long)
+        row_logits, col_logits = model.factor_logits(x, rows)
+        per_row.append(row_logits.log_softmax(-1)[..., r, None] + col_logits.log_softmax(-1))
+    return torch.stack(per_row, dim=-2).exp()
+
+
+@pytest.mark.parametrize("vocab, rows", [(50304, 225), (512, 23), (256, 12), (256, 16), (7, 3)])
+@pytest.mark.parametrize("counted", [False, True])
+def test_the_table_is_a_bijection_onto_the_used_cells(vocab, rows, counted):
+    counts = np.random.default_rng(0).integers(0, 1000, vocab) if counted else None
+    token_row, token_col = lightrnn.lightrnn_table(vocab, rows, counts)
+    cols = -(-vocab // rows)
+    cells = token_row * cols + token_col
+    assert token_row.min() >= 0 and token_row.max() < rows and token_col.min() >= 0 and token_col.max() < cols
+    assert len(set(cells.tolist())) == vocab  # no two ids share a cell; every id has one
+    assert rows * cols - vocab < rows  # fewer empty cells than one column: the table is as small as R allows
+
+
+def test_the_models_buffers_hold_the_table_and_its_inverse():
+    model = build()
+    assert (model.rows, model.cols) == (23, 23) and lightrnn.GPTConfig(vocab_size=50304).lightrnn_rows == 225
+    used = model.cell_token >= 0
+    assert int(used.sum()) == 512 and torch.equal(model.cell_token[used].sort().values, torch.arange(512))
+    ids = torch.arange(512)
+    assert torch.equal(model.cell_token[model.token_row * model.cols + model.token_col], ids)
+    empty = {r * 23 + 22 for r in range(6, 23)}  # snaking: column 22 runs down rows 0..5 only
+    assert set((~used).nonzero().flatten().tolist()) == empty
+
+
+def test_the_joint_over_every_cell_sums_to_one_and_empty_cells_get_nothing():
+    model = build()
+    idx = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = model.hidden(idx, model.masks(idx)[0])
+        cells = cell_probabilities(model, x)  # (2, 16, R, C), fp32
+        logits = model(idx)
+    torch.testing.assert_close(cells.sum((-2, -1)), torch.ones(2, 16), atol=1e-5, rtol=0)
+    assert torch.all(cells.flatten(-2)[..., model.cell_token < 0] == 0)
+    # the ids' distribution is the cells' one, reordered: nothing lost to empty cells, so sampling the ids (sample.py's
+    # softmax) is sampling a row, then a column
+    torch.testing.assert_close(logits.exp(), cells.flatten(-2)[..., model.token_row * model.cols + model.token_col])
+    torch.testing.assert_close(logits.exp().sum(-1), torch.ones(2, 16), atol=1e-5, rtol=0)
+    assert cells.flatten(-2)[..., model.cell_token >= 0].std() > 1e-4  # random weights: far from uniform
+
+
+def test_the_loss_is_minus_log_of_the_product_computed_by_hand():
+    """-log p(row | h) - log p(col | h, row), with p(col | h, row) a softmax over the row's used columns of
+    softcap(w_c . (h * g_row)), written out per token in float64; and -log of the full distribution at the targets."""
+    model = build()
+    gen = torch.Generator().manual_seed(1)
+    idx, targets = torch.randint(0, 512, (2, 16), generator=gen), torch.randint(0, 512, (2, 16), generator=gen)
+    targets[0, :4] = torch.tensor([500, 505, 511, 21])  # ids in rows with an empty cell and in full rows
+    with torch.no_grad():
+        loss = model(idx, targets)
+        logits = model(idx)
+        h = model.hidden(idx, model.masks(idx)[0]).double().flatten(0, 1)
+    cap, terms = model.config.logit_softcap, []
+    w_row, w_col = model.lm_head.row.weight.double(), model.lm_head.col.weight.double()
+    for n, t in enumerate(targets.flatten().tolist()):
+        r, c = int(model.token_row[t]), int(model.token_col[t])
+        row_scores = (cap * torch.tanh(w_row @ h[n] / cap)).exp()
+        col_scores = (cap * torch.tanh(w_col @ (h[n] * model.lm_head_col_gate[r].double()) / cap)).exp()
+        col_scores = col_scores[model.cell_token.view(23, 23)[r] >= 0]  # the row's used cells, in column order
+        used_before = int((model.cell_token.view(23, 23)[r, :c] >= 0).sum())
+        p = row_scores[r] / row_scores.sum() * col_scores[used_before] / col_scores.sum()
+        terms.append(-p.log())
+    assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+    assert loss.item() == pytest.approx(-logits.gather(-1, targets[..., None]).mean().item(), rel=1e-5)
+
+
+def test_the_column_factor_conditions_on_the_next_tokens_row_only():
+    """causal_outputs declares the column factor one token ahead (test_causality.py holds it to that): changing token
+    t + 1 to another id of the same row leaves position t's factors alone; one of another row moves the columns."""
+    model = build()
+    idx = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(2))
+    same_row, other_row = idx.clone(), idx.clone()
+    row, col = int(model.token_row[idx[0, 6]]), int(model.token_col[idx[0, 6]])
+    same_row[0, 6] = model.cell_token[row * 23 + (col + 1) % 22]
+    other_row[0, 6] = model.cell_token[((row + 1) % 23) * 23 + col % 22]
+    with torch.no_grad():
+        outs = [model.causal_outputs(i) for i in (idx, same_row, other_row)]
+    assert outs[0].keys() == {"logits", "row_logits", "col_logits_given_next_row"}
+    assert outs[0]["col_logits_given_next_row"][1] == 1 and outs[0]["row_logits"][1] == 0
+    cols = [o["col_logits_given_next_row"][0][0, 5] for o in outs]
+    finite = cols[0].isfinite() & cols[2].isfinite()  # the rows' empty cells are -inf
+    assert torch.equal(cols[0], cols[1]) and (cols[0] - cols[2])[finite].abs().max() > 1e-3
+    assert torch.equal(outs[0]["row_logits"][0][0, 5], outs[2]["row_logits"][0][0, 5])
+
+
+def test_the_placement_ranks_ids_by_their_count_in_the_train_shards_deterministically():
+    """Counted over the first lightrnn_count_tokens of the train shards (the tiny preset's sample): the same table
+    every time (every rank builds its own); the R most frequent ids fill column 0, one per row, the next R column 1
+    (rows in reverse: snaking), so every row holds one id of each frequency tier; 0 tokens: id order."""
+    args, _ = lightrnn.parse_args(["--preset=tiny", "--lightrnn_count_tokens=100000"])
+    counts = lightrnn.token_counts(args.train_files, args.vocab_size, 100000)
+    assert counts.sum() == 100000
+    a, b = (lightrnn.GPT(lightrnn.GPTConfig.from_args(args)) for _ in range(2))
+    assert all(torch.equal(getattr(a, n), getattr(b, n)) for n in ("token_row", "token_col", "cell_token"))
+    R = a.rows
+    ranked = torch.as_tensor(np.argsort(-counts, kind="stable"))
+    assert torch.equal(a.token_col[ranked[:R]], torch.zeros(R, dtype=torch.long))
+    assert torch.equal(a.token_row[ranked[:R]], torch.arange(R))
+    assert torch.equal(a.token_row[ranked[R:2 * R]], torch.arange(R).flip(0))
+    assert counts[ranked[0]] > counts[ranked[R]] > 0  # real frequencies, not ties in id order
+    by_id = lightrnn.GPT(lightrnn.GPTConfig.from_args(lightrnn.parse_args(["--preset=tiny",
+                                                                           "--lightrnn_count_tokens=0"])[0]))
+    assert torch.equal(by_id.token_row[:R], torch.arange(R)) and not torch.equal(by_id.token_row, a.token_row)
+    assert "placed by token frequency" in a.describe() and "placed by id order" in by_id.describe()
+
+
+def test_the_table_survives_a_checkpoint_a_resume_and_sample_py(shards, tmp_path):
+    """The table is in the state dict: sample.py (which builds the model without data, so in id order) and a resume
+    told to place by id order both get the trained frequency table back, and the resumed run writes it again."""
+    flags = dict(num_iterations=4, val_every=0, save_every=4, lightrnn_rows=12)  # 12 x 22: 8 empty cells
+    first = lightrnn.main(small_args(*shards, tmp_path / "a", **flags))
+    ckpt = torch.load(first["last_checkpoint"], weights_only=False)
+    trained = {n: ckpt["model"][n] for n in ("token_row", "token_col", "cell_token")}
+    counts = lightrnn.token_counts(shards[0], 256, 10**7)
+    assert torch.equal(trained["token_row"], torch.as_tensor(lightrnn.lightrnn_table(256, 12, counts)[0]))
+    assert not torch.equal(trained["token_row"], torch.as_tensor(lightrnn.lightrnn_table(256, 12)[0]))
+    loaded = sample.load_checkpoint(first["last_checkpoint"])[0]
+    assert all(torch.equal(getattr(loaded, n), t) for n, t in trained.items())
+    resumed = lightrnn.main(small_args(*shards, tmp_path / "a", resume=first["last_checkpoint"], num_iterations=6,
+                                       val_every=0, save_every=6, lightrnn_count_tokens=0))
+    again = torch.load(resumed["last_checkpoint"], weights_only=False)["model"]
+    assert all(torch.equal(again[n], t) for n, t in trained.items())
+    log = (tmp_path / "a" / f"{resumed['run_id']}.txt").read_text()
+    assert "LightRNN: 256 ids in a 12 x 22 table (8 cells empty), placed by token frequency" in log
+
+
+def test_sampling_only_emits_ids_of_used_cells():
+    """The row head is pushed to the rows with an empty cell (6..22): every sampled and greedy token comes from those
+    rows and maps back to its cell, and none from column 22, whose cells there are empty."""
+    model = build()
+    model.lm_head.row.register_forward_hook(lambda m, i, out: out + 30.0 * (torch.arange(23) >= 6))
+    idx = torch.randint(0, 512, (4, 3), generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(0)
+    emitted = [t for temperature in (1.0, 0.0) for row in sample.generate(
+        model, idx, 24, temperature=temperature, top_k=None, generator=gen, stop_token=None) for t in row]
+    assert len(emitted) == 2 * 4 * 24
+    emitted = torch.tensor(emitted)
+    rows, cols = model.token_row[emitted], model.token_col[emitted]
+    assert torch.all(rows >= 6) and torch.all(cols < 22) and len(set(emitted.tolist())) > 20
+    assert torch.equal(model.cell_token[rows * 23 + cols], emitted)
+
+
+def test_compile_matches_eager(shards, tmp_path):
+    """Inductor (CPU): the compile warm-up, training on the dense-mask path, validation on FlexAttention's, with the
+    table's index lookups and the empty-cell mask inside the graphs: the eager run's losses."""
+    def train(log_dir, **flags):
+        summary = lightrnn.main(small_args(*shards, log_dir, num_iterations=4, val_every=2, lightrnn_rows=12, **flags))
+        return read_log(log_dir / f"{summary['run_id']}.txt")
+    eager, compiled = train(tmp_path / "eager", compile=0), train(tmp_path / "compiled", compile=1)
+    assert compiled[2]["compile_warmup_s"] > 0
+    for eager_losses, compiled_losses in zip(eager[:2], compiled[:2]):  # train, then val
+        assert eager_losses.keys() == compiled_losses.keys()
+        for step, loss in eager_losses.items():
+            assert compiled_losses[step] == pytest.approx(loss, abs=2e-4)
+
+
+def test_124m_parameters_and_head_flops_against_the_full_softmax():
+    """225 x 224 = 50400 cells for 50304 ids. The two 50304 x 768 tables (input embedding, head) become 449 x 768
+    (row and column vectors) and 225 + 224 head rows plus a 225 x 768 gate: 201,697,590 parameters vs the baseline's
+    278,102,070. Training FLOPs per token (FlopCounterMode: matmuls) lose 6 x 768 x (50304 - 449) of the head's."""
+    args, _ = lightrnn.parse_args(["--attention=sdpa", "--seq_len=1408", "--lightrnn_count_tokens=0"])
+    with torch.device("meta"):
+        model = lightrnn.GPT(lightrnn.GPTConfig.from_args(args))
+    d, table = 768, 50304 * 768
+    blocks = 12 * (4 * d * d + 2 * d * 4 * d)
+    head = d * (225 + 224)
+    assert (model.rows, model.cols) == (225, 224)
+    assert sum(p.numel() for p in model.parameters()) == 278_102_070 - 2 * table + (225 + 224) * d + head + 225 * d \
+        == 201_697_590
+    counter = FlopCounterMode(display=False)
+    with counter, torch.device("meta"):
+        idx = torch.zeros(1, 1408, dtype=torch.long)
+        model(idx, idx).backward()
+    flops_per_token = counter.get_total_flops() / 1408
+    assert flops_per_token == 6 * (blocks + head) + 12 * 12 * d * 1408 == 897_122_304 - 6 * (table - head)
+    assert 2 * head == 689_664 and 2 * 50304 * d == 77_266_944  # forward head FLOPs: 112x fewer
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--lightrnn_rows=-1", r"error: --lightrnn_rows=-1: expected an integer in \[0, --vocab_size=512\]"),
+    ("--lightrnn_rows=513", r"error: --lightrnn_rows=513: expected an integer in \[0, --vocab_size=512\]"),
+    ("--lightrnn_count_tokens=-5", r"error: --lightrnn_count_tokens=-5: expected an integer >= 0"),
+])
+def test_bad_lightrnn_flags_are_clear_errors(flag, message):
+    with pytest.raises(SystemExit, match=message):
+        build(flag)

@@ -1,0 +1,291 @@
+"""Mixture of Experts (train_gpt2_moe.py): what the idea promises, as tests.
+
+DeepSeek-V3 section 2.1.2: shared experts plus the top-k of fine-grained routed experts by sigmoid affinity, gates
+normalised over the chosen k; auxiliary-loss-free balancing by a per-expert bias that picks experts but never weighs
+them and changes only between steps (GPT.schedule), from the loads the step's forwards counted; an optional
+sequence-wise balance loss (eq. 17-20). The generic tests (test_causality.py, tests/test_model.py, tests/test_train.py,
+...) cover the script too; these check the MoE specifics.
+"""
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from test_causality import find_leaks
+from tests.helpers import ROOT, load_script, small_args
+
+moe = load_script(ROOT / "train_gpt2_moe.py")
+baseline = load_script(ROOT / "train_gpt2.py")
+VOCAB = 512
+
+
+def build(*flags, randomise=True):
+    """A tiny fp32 model (2 layers x 64 wide: 2 shared + top-2 of 16 routed experts of width 64), random weights by
+    default: the zero-initialised expert projections would make every routing give the same output."""
+    args, _ = moe.parse_args(["--preset=tiny", f"--vocab_size={VOCAB}", *flags])
+    torch.manual_seed(0)
+    model = moe.GPT(moe.GPTConfig.from_args(args)).float()
+    if randomise:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, p.shape[-1] ** -0.5 if p.ndim >= 2 else 0.5)
+    return model
+
+
+def tokens(B=2, T=32, seed=1):
+    torch.manual_seed(seed)
+    return torch.randint(0, VOCAB, (B, T))
+
+
+def naive_moe(layer, x):
+    """DeepSeek-V3 eq. 12-16 token by token, expert by expert, with Python loops: the reference for the dispatch."""
+    out = torch.zeros_like(x)
+    for t, xt in enumerate(x):
+        s = torch.sigmoid(layer.router.weight @ xt)
+        chosen = (s + layer.expert_bias).topk(layer.top_k).indices.tolist()  # the bias selects ...
+        for e in chosen:  # ... the gates are the affinities alone, normalised over the chosen experts
+            ffn = layer.proj[e] @ F.relu(layer.fc[e] @ xt).square()
+            out[t] += s[e] / s[chosen].sum() * ffn
+        if layer.shared is not None:
+            out[t] += layer.shared(xt)
+    return out
+
+
+def test_grouped_and_dense_dispatch_equal_a_per_token_loop():
+    """Both dispatch paths (the CPU's dense one, the GPU's sort + grouped GEMM, run here in fp32 on the CPU's eager
+    torch._grouped_mm) give the per-token loop's output, with a bias that overrides the affinities and experts that
+    get no token (empty groups)."""
+    layer = build().blocks[0].mlp.eval()
+    with torch.no_grad():
+        layer.expert_bias.copy_(torch.linspace(-0.5, 0.5, 16))
+        layer.expert_bias[:6] = -10.0  # experts 0..5 are never chosen: empty groups in the grouped GEMM
+    torch.manual_seed(2)
+    x = torch.randn(40, 64)
+    with torch.no_grad():
+        reference = naive_moe(layer, x)
+        dense = layer(x.view(2, 20, 64))[0].view(40, 64)
+        scores, top, gates = layer.route(x)
+        assert top.min() >= 6
+        offsets = torch.bincount(top.flatten(), minlength=16).cumsum(0).int()
+        grouped = moe.routed_grouped(x, top, gates, offsets, layer.fc, layer.proj, torch.float32) + layer.shared(x)
+    assert reference.abs().max() > 0.1
+    torch.testing.assert_close(dense, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grouped, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 5])
+def test_every_token_gets_exactly_top_k_routed_experts(top_k):
+    model = build(f"--moe_top_k={top_k}").train()
+    layer = model.blocks[0].mlp
+    x = torch.randn(50, 64)
+    scores, top, gates = layer.route(x)
+    assert top.shape == (50, top_k)
+    assert all(len(set(row)) == top_k for row in top.tolist())  # k different experts
+    torch.testing.assert_close(gates.sum(-1), torch.ones(50))
+    assert (gates > 0).all()
+    idx = tokens(B=2, T=32)
+    model(idx, idx)
+    for m in model.moe_layers():
+        assert m.expert_load.sum().item() == 2 * 32 * top_k
+
+
+def test_load_statistics_and_the_bias_update_on_a_constructed_routing():
+    """Router rows so that a token along basis vector j picks experts 2j and 2j+1 (the others score 0): 10 tokens
+    of kind 0, 5 of kind 1 and 1 of kind 2 give loads 10, 10, 5, 5, 1, 1 and 0 elsewhere, mean 2. The update is
+    gamma * sign(mean - load): down for the four busy experts, up for the rest. Evaluation counts nothing."""
+    model = build("--moe_bias_rate=0.01")
+    layer = model.blocks[0].mlp
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        for j in range(3):
+            layer.router.weight[2 * j:2 * j + 2, j] = 5.0
+    kinds = [0] * 10 + [1] * 5 + [2]
+    x = torch.stack([F.one_hot(torch.tensor(j), 64).float() for j in kinds])[None]  # (1, 16, 64)
+    with torch.no_grad():
+        layer.eval()(x)
+        assert layer.expert_load.sum() == 0
+        layer.train()(x)
+    expected = torch.tensor([10, 10, 5, 5, 1, 1] + [0] * 10, dtype=torch.float32)
+    assert torch.equal(layer.expert_load, expected)
+    model.blocks[1].mlp.expert_load.fill_(2.0)  # an even layer: max / mean 1
+    assert model.log_stats() == "moe_load_max/mean:3.00 worst:5.00"  # layer 0: 10 / 2
+    model.schedule(0.5)
+    assert torch.equal(layer.expert_bias, 0.01 * torch.tensor([-1.0] * 4 + [1.0] * 12))
+    assert layer.expert_load.sum() == 0
+
+
+def test_the_forward_never_depends_on_the_accumulated_load_and_only_schedule_moves_the_bias():
+    """Causality of the balancing: whatever load the earlier forwards counted, a training forward gives the same
+    loss; forwards and backwards never touch the bias, schedule() does (none at progress 0, before the first step);
+    and the bias does change routing, so this is not vacuous."""
+    model = build().train()
+    idx = tokens()
+    first = model(idx, idx)
+    first.backward()
+    for m in model.moe_layers():
+        m.expert_load.copy_(torch.arange(16.0) * 1000)
+    again = model(idx, idx)
+    assert torch.equal(first, again)
+    assert all(m.expert_bias.abs().sum() == 0 for m in model.moe_layers())
+    model.schedule(0.0)  # before the first step: the counts are dropped, no update
+    assert all(m.expert_bias.abs().sum() == 0 and m.expert_load.sum() == 0 for m in model.moe_layers())
+    model(idx, idx)
+    model.schedule(0.1)
+    assert all(m.expert_bias.abs().sum() > 0 for m in model.moe_layers())
+    assert not torch.equal(model(idx, idx), first)
+
+
+def test_causal_in_training_mode_with_the_balance_loss_on():
+    """test_causality.py checks eval mode; training mode counts loads and adds the balance loss: still causal."""
+    model = build("--moe_balance_alpha=0.1").train()
+    model.blocks[1].mlp.expert_load.fill_(7.0)
+    assert find_leaks(model) == []
+
+
+def test_bias_update_sums_the_loads_of_every_rank(monkeypatch):
+    """Under DDP each rank counts its own tokens; schedule() all-reduces them first, so every rank takes the same
+    update (here a second rank's loads are added by a stand-in all_reduce)."""
+    layer = build("--moe_bias_rate=0.5").blocks[0].mlp
+    other_rank = torch.zeros(16)
+    other_rank[:8] = 10.0
+    monkeypatch.setattr(moe.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(moe.dist, "all_reduce", lambda t: t.add_(other_rank))
+    layer.expert_load[8:] = 1.0  # this rank alone would lower experts 8..15
+    layer.update_bias()
+    assert torch.equal(layer.expert_bias, torch.tensor([-0.5] * 8 + [0.5] * 8))
+
+
+def test_balance_loss_changes_the_training_loss_not_the_validation_loss():
+    """alpha * sum_i f_i P_i (eq. 17-20) per stream: added in training, absent in evaluation; it reaches the router."""
+    on, off = build("--moe_balance_alpha=0.01"), build()
+    idx = tokens()
+    with torch.no_grad():
+        assert torch.equal(on.eval()(idx, idx), off.eval()(idx, idx))
+    loss_on, loss_off = on.train()(idx, idx), off.train()(idx, idx)
+    # f_i P_i summed is 1 for a perfectly even routing and affinities, so per MoE layer the term is near alpha
+    assert 2 * 0.01 * 0.5 < (loss_on - loss_off).item() < 2 * 0.01 * 4
+    loss_on.backward()
+    loss_off.backward()
+    router = on.blocks[0].mlp.router.weight.grad - off.blocks[0].mlp.router.weight.grad
+    assert router.abs().max() > 0
+
+
+def test_muon_orthogonalises_each_expert_on_its_own():
+    """The stacked (E, out, in) expert weights go to Muon (the router too; the balancing bias is a buffer, in no
+    optimizer), and each expert's slice of the update is ~orthogonal by itself, while the same experts flattened
+    into one matrix would not be: the update is per expert."""
+    model = build()
+    args, _ = moe.parse_args(["--preset=tiny"])
+    adam, muon = moe.build_optimizers(model, args, torch.device("cpu"))
+    layer = model.blocks[0].mlp
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert {id(layer.fc), id(layer.proj), id(layer.router.weight)} <= in_muon
+    assert "expert_bias" not in dict(model.named_parameters()) and "blocks.0.mlp.expert_bias" in model.state_dict()
+    torch.manual_seed(3)
+    for p in model.parameters():
+        p.grad = None
+    # each expert's gradient: singular values spread 20x (a Gaussian's ~0 one is left small by 5 steps, by design),
+    # and the experts' gradients 100x apart in size
+    U, _, Vh = torch.linalg.svd(torch.randn(16, 64, 64))
+    spectrum = torch.logspace(-1.3, 0, 64) * torch.logspace(0, 2, 16)[:, None]
+    layer.fc.grad = U @ torch.diag_embed(spectrum) @ Vh
+    opt = moe.Muon([layer.fc], lr=0.1, momentum=0.0, nesterov=False)
+    before = layer.fc.detach().clone()
+    opt.step()
+    update = (before - layer.fc.detach()) / 0.1  # square 64 x 64 slices: scale 1
+    singular = torch.linalg.svdvals(update)  # per expert
+    assert singular.min() > 0.6 and singular.max() < 1.25
+    # orthogonalising the experts as one (1024, 64) matrix instead would all but freeze the small-gradient experts
+    joint = moe.zeropower_via_newtonschulz5(layer.fc.grad.reshape(-1, 64)).view(16, 64, 64)
+    assert torch.linalg.svdvals(joint[0]).max() < 0.1
+
+
+def test_moe_every_keeps_the_other_layers_dense():
+    model = build("--n_layer=4", "--moe_every=2", randomise=False)
+    kinds = [type(b.mlp).__name__ for b in model.blocks]
+    assert kinds == ["MLP", "MoE", "MLP", "MoE"]
+
+
+def test_params_at_124m_against_the_baseline():
+    """Compute-matched defaults: 2 shared + top-2 of 16 routed experts of width 768 = the MLP's 3072 active width.
+    Per layer the experts hold 18 x 2 x 768^2 weights and the router 768 x 16, against the MLP's 2 x 768 x 3072; one
+    token uses 4 x 2 x 768^2 of them (the MLP's count) plus the router."""
+    with torch.device("meta"):
+        model = moe.GPT(moe.GPTConfig.from_args(moe.parse_args([])[0]))
+        dense = baseline.GPT(baseline.GPTConfig.from_args(baseline.parse_args([])[0]))
+    total, dense_total = (sum(p.numel() for p in m.parameters()) for m in (model, dense))
+    tables = 4 * 50304 * 768  # the token embedding and 3 value-embedding tables (the head multiplies: active)
+    mlp, experts, router = 2 * 768 * 3072, 18 * 2 * 768 * 768, 768 * 16
+    assert dense_total == 278_102_070
+    assert total == dense_total + 12 * (experts + router - mlp) == 476_430_390
+    assert model.num_active_params() == dense_total - tables + 12 * router == 123_715_638
+    assert "2 shared + top-2 of 16 routed experts of width 768 (active width 3072, the MLP's 3072)" in model.describe()
+
+
+def test_compiles_without_graph_breaks_and_matches_eager():
+    """torch.compile(fullgraph=True) of a training forward + backward on CPU (the dense path; load counting is an
+    in-place buffer update in the graph): the eager loss and gradients, the same loads counted."""
+    eager, compiled = build("--n_layer=1", "--moe_balance_alpha=0.01").train(), build("--n_layer=1",
+                                                                                     "--moe_balance_alpha=0.01").train()
+    idx = tokens(B=1, T=32)
+    loss = eager(idx, idx)
+    loss.backward()
+    compiled_loss = torch.compile(compiled, fullgraph=True)(idx, idx)
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, loss, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert torch.equal(compiled.blocks[0].mlp.expert_load, eager.blocks[0].mlp.expert_load)
+
+
+def test_training_moves_the_bias_and_checkpoints_keep_it(shards, tmp_path):
+    """A short run: the loss falls, the start-up line describes the MoE, and the checkpoint holds a bias that the
+    step-by-step updates moved by whole multiples of gamma."""
+    summary = moe.main(small_args(*shards, tmp_path, num_iterations=6, val_every=6, save_every=6,
+                                  moe_bias_rate=0.01))
+    text = (tmp_path / f"{summary['run_id']}.txt").read_text()
+    assert "# MoE: 2 of 2 layers, 2 shared + top-2 of 16 routed experts" in text
+    step_lines = [line for line in text.splitlines() if line.startswith("step:") and "train_loss" in line]
+    assert len(step_lines) == 6 and all(re.search(r" moe_load_max/mean:\d+\.\d\d worst:\d+\.\d\d$", line)
+                                        for line in step_lines), step_lines[:2]  # the per-step load, every step
+    assert summary["final_val_loss"] < 5.0
+    state = torch.load(summary["last_checkpoint"], weights_only=False)["model"]
+    bias = state["blocks.0.mlp.expert_bias"]
+    steps = bias / 0.01
+    assert bias.abs().max() > 0 and torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 5
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--moe_top_k=17", r"--moe_top_k=17: expected an integer in \[1, --n_routed_experts=16\]"),
+    ("--moe_top_k=0", r"--moe_top_k=0: expected an integer in \[1"),
+    ("--n_routed_experts=0", r"--n_routed_experts=0: expected an integer >= 1"),
+    ("--n_shared_experts=-1", r"--n_shared_experts=-1: expected an integer >= 0"),
+    ("--moe_expert_hidden=-8", r"--moe_expert_hidden=-8: expected an integer >= 1 \(0: auto"),
+    ("--moe_every=3", r"--moe_every=3: expected an integer in \[1, --n_layer=2\]"),
+    ("--moe_bias_rate=-0.1", r"--moe_bias_rate=-0.1: expected a number >= 0"),
+    ("--moe_balance_alpha=nan", r"--moe_balance_alpha=nan: expected a number >= 0 \(0: off\)"),
+])
+def test_bad_moe_flags_are_one_line_errors(flag, message):
+    args, _ = moe.parse_args(["--preset=tiny", flag])
+    with pytest.raises(SystemExit, match=message):
+        moe.GPTConfig.from_args(args)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_grouped_gemm_path_on_the_gpu_matches_the_dense_path():
+    """Under bf16 autocast on CUDA the layer runs the sort + torch._grouped_mm path: the dense path's output within
+    bf16 rounding, gradients included, and compiled without graph breaks."""
+    layer = build().blocks[0].mlp.cuda().train()
+    x = torch.randn(2, 256, 64, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        grouped = layer(x)[0]
+        compiled = torch.compile(layer, fullgraph=True)(x)[0]
+    dense = layer(x)[0]  # no autocast: the dense fp32 path
+    scale = dense.abs().max()
+    assert (grouped.float() - dense).abs().max() < 0.02 * scale
+    assert (compiled.float() - dense).abs().max() < 0.02 * scale
+    (g_grad,) = torch.autograd.grad(grouped.float().square().sum(), x)
+    (d_grad,) = torch.autograd.grad(dense.square().sum(), x)
+    assert (g_grad - d_grad).abs().max() < 0.05 * d_grad.abs().max()
