@@ -20,9 +20,10 @@ from PEAK_TFLOPS below.
 makes a lent GPU's session count (30 minutes, 10 per command, see README "Checking on a lent GPU"): each stage is
 one command that stops itself inside STAGE_BUDGET_S and leaves in DIR (default gpu_check/<date>_<time>_<device>/)
 <stage>.json (its figures), <stage>.md (the summary, also printed), environment.txt and <stage>_logs.tar.gz (the
-raw logs): four or five files, under the device tool's eight. `tests` runs `pytest -m gpu tests/test_gpu.py`;
-`bench` this table for every script at 124M with compile, with and without --kernels=1; `race` an equal-training-
-time race on the proxy shards in data/proxy/. `all` runs the three in turn (~25 minutes: not one device command).
+raw logs): four or five files, under the device tool's eight. `tests` runs `pytest -m gpu tests` (every CUDA test);
+`bench` this table at 124M with compile, without then with --kernels=1; `race` an equal-training-time race on the
+proxy shards in data/proxy/. At 124M the compile warm-up alone takes ~6 minutes (363 s on an H100), so bench and
+race fit one script per command (--scripts). `all` runs the three in turn (not one device command).
 """
 import argparse
 import contextlib
@@ -179,16 +180,18 @@ def race(scripts, flags, minutes, name, out_root, command):
 
 # ---- gpu-check: a lent GPU's session, in stages that each end inside one device command ----
 STAGES = ("tests", "bench", "race")
-# A device command may run 10 minutes. A stage ends within 8 of them: its commands get the budget less the grace a
-# command stopped at the budget has to write its report (450 s); the rest is start-up and packing the logs.
-STAGE_BUDGET_S = 480.0
+# A device command may run 10 minutes; its machine's start-up is not counted in them. A stage ends within 560 s: its
+# commands get the budget less the grace a command stopped at the budget has to write its report (530 s); the rest
+# is packing the logs.
+STAGE_BUDGET_S = 560.0
 STOP_GRACE_S = 30.0  # SIGINT at the budget, SIGKILL this much later: pytest writes its report, a script its summary
-# One bench row at 124M with compile on an H100 (estimated; not yet measured): ~10 s start-up, ~50 s compile warm-up
-# (3 steps), 10 timed steps of 524,288 tokens (~1 s each), the FLOP count. 3 scripts x 2 x 75 s = 450 s.
-BENCH_RUN_S = 75.0
-# A race entry's wall time besides its training minutes (estimated): start-up, the compile warm-up, compiling the
-# eval graph at the first validation, and the validations (1,048,576 tokens each). See race_minutes().
-RACE_OVERHEAD_S = 100.0
+# One bench row at 124M with compile, measured on an H100 (torch 2.11, 2026-11-25): ~10 s start-up, 363 s compile
+# warm-up (3 steps), 8 steps of 393,216 tokens at 943 ms, 81 s for the first validation (it compiles the eval graph).
+# So a stage times ONE script: pass --scripts; the rest of a longer plan is skipped and reported.
+BENCH_RUN_S = 470.0
+# A race entry's wall time besides its training minutes: the same start-up, compile warm-up and eval-graph compile,
+# and its validations (1,048,576 tokens each). See race_minutes().
+RACE_OVERHEAD_S = 470.0
 TEST_TIMEOUT_S = 180  # per GPU test: the compile tests (a compiled and an eager run each) are the longest
 PROXY_DIR = ROOT / "data" / "proxy"
 PROXY_TRAIN, PROXY_VAL = "enwiki_train_*.bin", "owt_val_*.bin"
@@ -205,13 +208,14 @@ CHILD_ENV = {"TRITON_INTERPRET": "0",  # conftest.py's CPU default would run Tri
 
 def race_minutes(n_scripts, budget_s=STAGE_BUDGET_S, overhead_s=RACE_OVERHEAD_S):
     """Training minutes per script, in quarter minutes, so that n_scripts x (minutes + overhead) fits the budget less
-    the grace: 3 scripts: (480 s - 30 s - 3 x 100 s) / 3 = 50 s, so 0.75 minutes each. At ~1 s per 524,288-token
-    step on an H100, that is ~40 steps: about the 20M tokens of the proxy train set, once."""
+    the grace: 1 script: (560 s - 30 s - 470 s) = 60 s, so 1 minute. At 943 ms per 393,216-token step on an H100,
+    that is 60 or more steps (the early batch stages are smaller). Scripts compared in separate stage commands need the same --minutes."""
     seconds = (budget_s - STOP_GRACE_S - n_scripts * overhead_s) / max(1, n_scripts)
     minutes = math.floor(seconds / 15) / 4
     if minutes < 0.25:
         raise SystemExit(f"error: {n_scripts} scripts do not fit one race stage ({budget_s:.0f} s, ~{overhead_s:.0f} s "
-                         "of start-up and compile each): race them in groups, one command per group (--scripts A B)")
+                         "of start-up and compile each): race one script per command (--scripts A, then --scripts B, with the same "
+                         "--minutes)")
     return minutes
 
 
@@ -294,14 +298,14 @@ def execute(runs, logs, budget_s, runner, clock):
     return clock() - start
 
 
-# -- tests: pytest -m gpu tests/test_gpu.py --
+# -- tests: pytest -m gpu tests (tests/test_gpu.py and the ideas' own CUDA tests) --
 def plan_tests(logs, o):
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-v", "-rA", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests", "-v", "-rA", "-p", "no:cacheprovider",
            "-o", "junit_family=xunit1",  # xunit1 keeps the tests' record_property figures in the xml
            f"--junitxml={logs / 'junit.xml'}"]
     if importlib.util.find_spec("pytest_timeout"):  # per test; the stage's budget bounds the whole run regardless
         cmd.append(f"--timeout={TEST_TIMEOUT_S}")
-    note = (f"pytest -m gpu tests/test_gpu.py; each test stopped at {TEST_TIMEOUT_S} s, the run at "
+    note = (f"pytest -m gpu tests; each test stopped at {TEST_TIMEOUT_S} s, the run at "
             f"{o.budget_s - STOP_GRACE_S:.0f} s")
     return [Run("pytest", cmd, "pytest.txt")], note, {}
 
@@ -324,7 +328,7 @@ def read_junit(path):
 
 def read_pytest_verbose(path):
     """The outcomes from pytest -v's lines, for when it was killed before writing its xml."""
-    found = re.findall(r"^tests/test_gpu\.py::(\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", path.read_text(), re.M)
+    found = re.findall(r"^tests/\S+?\.py::(\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", path.read_text(), re.M)
     outcome = {"PASSED": "passed", "FAILED": "failed", "ERROR": "error", "SKIPPED": "skipped"}
     return [dict(name=name, outcome=outcome.get(word, word.lower()), seconds=0.0, message="", figures={})
             for name, word in found]
