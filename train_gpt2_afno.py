@@ -196,14 +196,15 @@ class Rotary(nn.Module):
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
 
 
-def document_mask(docs, window, past=0):
+def document_mask(docs, window, past=0, build=create_block_mask):
     """Which keys each query may see: not later, in the same document, and fewer than `window` tokens back.
     docs (B, S): every token's document number; the queries are the last S - past tokens. A FlexAttention block mask
-    on GPU (and on CPU without gradients; FlexAttention has no CPU backward), else a dense (B, 1, T, S) mask."""
+    on GPU (and on CPU without gradients; FlexAttention has no CPU backward), else a dense (B, 1, T, S) mask.
+    build: create_block_mask, or its compiled version (GPT.compile_regions)."""
     if past == 0 and (docs.is_cuda or not torch.is_grad_enabled()):
         def mask_mod(b, h, q, kv):
             return (q >= kv) & (docs[b, q] == docs[b, kv]) & (q - kv < window)
-        return create_block_mask(mask_mod, docs.size(0), None, docs.size(1), docs.size(1), device=docs.device)
+        return build(mask_mod, docs.size(0), None, docs.size(1), docs.size(1), device=docs.device)
     q = torch.arange(past, docs.size(1), device=docs.device)[:, None]
     kv = torch.arange(docs.size(1), device=docs.device)[None, :]
     same_doc = docs[:, past:, None] == docs[:, None, :]
@@ -347,9 +348,10 @@ class Block(nn.Module):
         # long and short windows alternate, long at both ends of each U-net half (2025-01-26 record's layout)
         self.long_window = min(layer, config.n_layer - 1 - layer) % 4 == 0
 
-    def forward(self, x, x0, ve, masks, cache=None):  # pre-norm residual block (GPT-2), x0: the embedding
+    def forward(self, x, x0, ve, mask, cache=None):  # pre-norm residual block (GPT-2), x0: the embedding
+        # mask: this block's own (long or short window), so a compiled block does not depend on which one it is
         x = self.lambdas[0] * x + self.lambdas[1] * x0
-        x = x + self.mixer(norm(x), ve, masks[self.long_window], cache)
+        x = x + self.mixer(norm(x), ve, mask, cache)
         return x + self.mlp(norm(x))
 
 
@@ -372,21 +374,40 @@ class GPT(nn.Module):
         # untied from wte: input and output embeddings want different geometry and LRs (modded-nanogpt)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         nn.init.zeros_(self.lm_head.weight)  # zero-init head: the first loss is exactly ln(vocab_size)
-        # the long and short attention windows in tokens, set in place by schedule() so compiled graphs never change
+        # the long and short attention windows in tokens, set in place by schedule() so compiled graphs never change,
+        # from a table of every stage's on the same device (a copy from the CPU would wait for the GPU every step)
+        stages = range(len(config.window_blocks))
+        self.register_buffer("window_table", torch.stack([self.stage_windows(s) for s in stages]), persistent=False)
         self.register_buffer("windows", self.windows_at(0.0), persistent=False)
         # evaluation's and decoding's: a buffer too, since a tensor made inside a compiled forward breaks Inductor's
         # FlexAttention mask code on CUDA (torch 2.11: "XBLOCK is not defined", found by the GPU check)
         self.register_buffer("final_windows", self.windows_at(1.0), persistent=False)
+        self.build_block_mask = create_block_mask  # compile_regions() compiles it
+
+    def window_stage(self, progress):
+        return min(int(progress * len(self.config.window_blocks)), len(self.config.window_blocks) - 1)
+
+    def stage_windows(self, stage):
+        """(long, short) windows in tokens in this stage of training: its long window, and half that (at least one)."""
+        long = self.config.window_blocks[stage]
+        return torch.tensor([long * BLOCK, max(1, long // 2) * BLOCK])
 
     def windows_at(self, progress):
-        """(long, short) windows in tokens at this point of training: blocks[stage], and half that (at least one)."""
-        blocks = self.config.window_blocks
-        long = blocks[min(int(progress * len(blocks)), len(blocks) - 1)]
-        return torch.tensor([long * BLOCK, max(1, long // 2) * BLOCK])
+        return self.stage_windows(self.window_stage(progress))
 
     def schedule(self, progress):
         """Called by the training loop before every optimizer step with the run's progress in [0, 1]."""
-        self.windows.copy_(self.windows_at(progress))
+        self.windows.copy_(self.window_table[self.window_stage(progress)])
+
+    def compile_regions(self, **options):
+        """Regional compilation (PyTorch's recipe): each block is compiled on its own and blocks of one kind share the
+        compiled code (value embeddings or not; training or evaluation), so compiling costs a few blocks, not a graph
+        of every block unrolled. The head's loss and the block masks are compiled too; the embedding lookups and the
+        U-net skips between the blocks run eagerly (a few elementwise ops). fullgraph: a graph break is an error."""
+        for block in [m for m in self.modules() if isinstance(m, Block)]:
+            block.compile(fullgraph=True, **options)
+        self.head_loss = torch.compile(self.head_loss, fullgraph=True, **options)
+        self.build_block_mask = torch.compile(create_block_mask, fullgraph=True, **options)
 
     def masks(self, idx, past_docs=None):
         """({long window?: mask}, document numbers) for idx (B, T), whose documents begin at each EOT (past_docs:
@@ -400,23 +421,25 @@ class GPT(nn.Module):
             docs = torch.cat((past_docs, past_docs[:, -1:] + docs), dim=1)
         windows = self.windows if self.training else self.final_windows
         used = {block.long_window for block in self.blocks}
-        masks = {long: document_mask(docs, windows[0 if long else 1], past) for long in used}
+        masks = {long: document_mask(docs, windows[0 if long else 1], past, self.build_block_mask) for long in used}
         return masks, docs
 
     def hidden(self, idx, masks, caches=None):
-        x = x0 = norm(self.wte(idx))
+        x0 = norm(self.wte(idx))
+        x = x0.clone()  # a tensor of its own: one tensor as both x and x0 would compile a third kind of block
         tables = [table(idx) for table in self.value_embeds]
         skips, n_skip, L = [], len(self.skip_weights), len(self.blocks)
         for i, block in enumerate(self.blocks):
             if i >= L - n_skip:
                 x = x + self.skip_weights[L - 1 - i] * skips.pop()
             ve = tables[self.ve_table[i]] if self.ve_table[i] is not None else None
+            mask = masks[block.long_window]
             if caches is not None:
-                x = block(x, x0, ve, masks, caches[i])
+                x = block(x, x0, ve, mask, caches[i])
             elif self.config.activation_checkpointing and self.training:
-                x = checkpoint(block, x, x0, ve, masks, use_reentrant=False)
+                x = checkpoint(block, x, x0, ve, mask, use_reentrant=False)
             else:
-                x = block(x, x0, ve, masks)
+                x = block(x, x0, ve, mask)
             if i < n_skip:
                 skips.append(x)
         return norm(x)
@@ -424,6 +447,10 @@ class GPT(nn.Module):
     def logits(self, x):
         cap = self.config.logit_softcap
         return cap * torch.tanh(self.lm_head(x).float() / cap)
+
+    def head_loss(self, x, targets):
+        """The mean next-token loss of the final states x (B, T, C) against targets (B, T; -1: none)."""
+        return linear_softcap_cross_entropy(x, self.lm_head.weight, targets, self.config.logit_softcap)
 
     def forward(self, idx, targets=None):
         """idx (B, T) token streams -> logits (B, T, vocab); with targets (B, T) the mean loss instead."""
@@ -433,7 +460,7 @@ class GPT(nn.Module):
         x = self.hidden(idx, self.masks(idx)[0])
         if targets is None:
             return self.logits(x)
-        return linear_softcap_cross_entropy(x, self.lm_head.weight, targets, self.config.logit_softcap)
+        return self.head_loss(x, targets)
 
     @torch.no_grad()
     def forward_cached(self, idx, cache=None):
@@ -624,12 +651,13 @@ class Hyperparameters:
     weight_decay: float = 0.0  # AdamW weight decay
     # evaluation
     val_every: int = 125  # validate every this many steps (0: only at the end)
-    val_tokens: int = 1048576  # validation tokens: the benchmark rules fix this number
+    val_tokens: int = 1048576  # validation tokens: the benchmark rules fix this number (0: none, for benchmarks)
     target_val_loss: float = 3.3821  # the run has reached the target when val_loss <= this
     stop_at_target: bool = False  # stop at the first validation that reaches the target
     time_budget_s: float = 0.0  # end after this much training time, LR cooled down by then (0: off; for races)
     # system
-    compile: int | str = "auto"  # torch.compile the model: 1, 0, or auto (on for CUDA, off for CPU)
+    compile: int | str = "auto"  # torch.compile the model's blocks: 1, 0, or auto (on for CUDA, off for CPU)
+    compile_cache: str = ""  # a folder: load compiled code from it before compiling, save it there after
     dtype: str = "auto"  # autocast: bf16, fp16 (with a GradScaler), fp32, or auto (bf16/fp16 on CUDA, fp32 on CPU)
     activation_checkpointing: bool = False  # recompute each block in the backward pass to save memory
     kernels: bool = False  # Triton kernels/ on CUDA (opt-in until measured on a GPU; same math as without)
@@ -679,7 +707,7 @@ LIMITS = {
     "head_lr": (at_least(0), "a number >= 0"), "scalar_lr": (at_least(0), "a number >= 0"),
     "adam_beta1": (lambda v: 0 <= v < 1, "a number in [0, 1)"), "adam_beta2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "weight_decay": (at_least(0), "a number >= 0"), "val_every": (at_least(0), "an integer >= 0 (0: only at the end)"),
-    "val_tokens": (at_least(1), "an integer >= 1"), "target_val_loss": (math.isfinite, "a finite number"),
+    "val_tokens": (at_least(0), "an integer >= 0 (0: no validation)"), "target_val_loss": (math.isfinite, "a finite number"),
     "time_budget_s": (at_least(0), "a number of seconds >= 0 (0: off)"),
     "compile": (lambda v: v in (0, 1, "auto"), "0, 1 or auto"),
     "dtype": (lambda v: v in ("auto", "bf16", "fp16", "fp32"), "auto, bf16, fp16 or fp32"),
@@ -851,9 +879,9 @@ def auto_device_batch_tokens(raw_model, args, run, per_rank):
     row = args.seq_len if args.attention == "sdpa" else 1  # sdpa: whole rows
     fits = lambda size: size % row == 0  # noqa: E731  (a CPU has no memory limit to probe: the largest)
     if run.device.type == "cuda":
-        # dynamic shapes: one compile serves every probed size; the training graph is compiled afterwards
-        probed = torch.compile(raw_model, dynamic=True) if run.use_compile else raw_model
-        fits = lambda size: size % row == 0 and probe_fits(probed, args, run.device, run.amp_ctx, size)  # noqa: E731
+        if run.use_compile:  # dynamic shapes: one compile serves every probed size; training's is compiled afterwards
+            raw_model.compile_regions(dynamic=True)
+        fits = lambda size: size % row == 0 and probe_fits(raw_model, args, run.device, run.amp_ctx, size)  # noqa: E731
     size = pick_device_batch_tokens(per_rank, fits)
     if run.device.type == "cuda" and run.use_compile:
         torch._dynamo.reset()
@@ -939,8 +967,12 @@ def setup(argv):
     if args.device_batch_tokens != "auto" and (per_rank % args.device_batch_tokens or args.device_batch_tokens % row):
         raise SystemExit(f"error: --device_batch_tokens={args.device_batch_tokens} must divide the first batch stage's "
                          f"{per_rank} tokens per process" + (f" and be a multiple of --seq_len={row}" if row > 1 else ""))
-    check_train_is_not_val(args.train_files, args.val_files)
-    val_tokens = load_val_tokens(args.val_files, args.val_tokens, args.vocab_size)
+    if args.val_tokens == 0 and args.stop_at_target:
+        raise SystemExit("error: --stop_at_target=1 needs validation: give --val_tokens > 0 (1048576 for the benchmark)")
+    if args.val_tokens > 0:
+        check_train_is_not_val(args.train_files, args.val_files)
+    val_tokens = load_val_tokens(args.val_files, args.val_tokens, args.vocab_size) if args.val_tokens else None
+    run.cache_file = compile_cache_file(args, device) if run.use_compile and args.compile_cache else None
     torch.manual_seed(args.seed)
     run.raw_model = raw_model = GPT(GPTConfig.from_args(args)).to(device)
     if ckpt is not None:
@@ -953,25 +985,30 @@ def setup(argv):
     if kernels is not None:
         kernels.set_enabled(args.kernels)
         kernels.pin_configs(run.world > 1)  # identical Muon updates on every rank
+    run.clock_group, run.clock = None, None  # see agreed_elapsed()
     if run.world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if args.time_budget_s > 0:
+            run.clock_group = dist.new_group(backend="gloo")
+    run.cache_note = load_compile_cache(run.cache_file) if run.cache_file else None  # before anything compiles
     if args.device_batch_tokens == "auto":
         args.device_batch_tokens = auto_device_batch_tokens(raw_model, args, run, per_rank)
         if args.attention == "flex":
             raw_model.config.seq_len = args.device_batch_tokens
     T = args.device_batch_tokens
-    if args.val_tokens % (T * run.world):
+    if args.val_tokens % (T * run.world):  # (0 is a multiple: no validation)
         raise SystemExit(f"error: --val_tokens={args.val_tokens} is not a multiple of --device_batch_tokens={T} x "
                          f"{run.world} processes (validation streams are micro-batch sized)")
     run.optimizers = build_optimizers(raw_model, args, device)
-    model = raw_model
+    if run.use_compile:  # compiled here, lazily: at the warm-up's first step
+        raw_model.compile_regions()
+    run.model = raw_model
     if run.world > 1:  # the rotary tables are built, not learned: no buffers to broadcast
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
-    # compiled around DDP, so the gradient all-reduce of each bucket overlaps with the rest of the backward
-    run.model = torch.compile(model) if run.use_compile else model
+        run.model = DDP(raw_model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
     run.train_loader = DistributedDataLoader(args.train_files, T, run.rank, run.world, device, args.vocab_size,
                                              args.doc_cap)
     # validation: the first val_tokens tokens as streams of T, each token counted once; rank r takes every world-th
+    val_tokens = np.zeros(1, dtype=np.int64) if val_tokens is None else val_tokens  # --val_tokens=0: no streams
     run.val_inputs = torch.from_numpy(val_tokens[:-1]).view(-1, 1, T)[run.rank::run.world]
     run.val_targets = torch.from_numpy(val_tokens[1:]).view(-1, 1, T)[run.rank::run.world]
     run.state = dict(train_time=0.0, val_time=0.0, best_val_loss=math.inf, final_val_loss=None,
@@ -1013,29 +1050,98 @@ def setup(argv):
         log.write(f"# {raw_model.describe()}")
     if ckpt is not None:
         log.write(f"# resumed from {args.resume} at step {run.start_step}")
-    elif run.use_compile:
+    if run.cache_note:
+        log.write(f"# {run.cache_note}")
+    if run.use_compile:
         compile_warmup(run)
     return run
 
 
+def cpu_copy(tree):
+    """A copy of every tensor in a state dict (nested dicts and lists), in CPU memory."""
+    return torch.utils._pytree.tree_map(lambda t: t.detach().to("cpu", copy=True) if torch.is_tensor(t) else t, tree)
+
+
 def compile_warmup(run):
-    """Compile outside the timed run: three real steps, then weights, optimizers and data reset. The snapshot
-    waits on the CPU, not in GPU memory (~650 MB at 124M), and is gone once restored."""
-    t_compile = time.perf_counter()
-    initial = [{k: v.detach().to("cpu", copy=True) for k, v in run.raw_model.state_dict().items()},
-               run.scaler.state_dict(), [o.state_dict() for o in run.optimizers]]
-    for step in range(3):
-        train_step(run, step)
-    run.raw_model.load_state_dict(initial[0])
-    run.scaler.load_state_dict(initial[1])
-    for opt, state in zip(run.optimizers, initial[2]):
+    """Compile outside the timed run: one real step (every training graph, and the optimizers' first step), one
+    evaluation forward (the evaluation graphs), then the weights, optimizers, data position and token count put back
+    as they were. The copies wait in CPU memory, not on the GPU (~1.1 GB at 124M), and are gone once restored."""
+    from torch._dynamo.utils import counters
+    t_compile, graphs = time.perf_counter(), counters["stats"]["unique_graphs"]
+    saved = dict(model=cpu_copy(run.raw_model.state_dict()), optimizers=cpu_copy([o.state_dict() for o in run.optimizers]),
+                 scaler=run.scaler.state_dict(), loader=run.train_loader.state_dict(), tokens=run.state["tokens_seen"])
+    loss = float(train_step(run, run.start_step))  # float(): waits for the step, so its compiling is done
+    if len(run.val_inputs):  # --val_tokens=0 never evaluates
+        run.model.eval()
+        with torch.no_grad(), run.amp_ctx:
+            float(run.model(run.val_inputs[0].to(run.device), run.val_targets[0].to(run.device)))
+        run.model.train()
+    run.raw_model.load_state_dict(saved["model"])
+    for opt, state in zip(run.optimizers, saved["optimizers"]):
         opt.load_state_dict(state)
-    del initial
-    run.train_loader.load_state_dict({"shard": 0, "doc": 0, "offset": 0})
-    run.state["tokens_seen"] = 0
+    run.scaler.load_state_dict(saved["scaler"])
+    run.train_loader.load_state_dict(saved["loader"])
+    run.state["tokens_seen"] = saved["tokens"]
+    del saved
     run.state["compile_warmup"] = time.perf_counter() - t_compile
-    run.log.write(f"# compile warm-up: 3 steps in {run.state['compile_warmup']:.1f}s, excluded from train_time; "
-                  f"weights, optimizers and data reset")
+    graphs = counters["stats"]["unique_graphs"] - graphs
+    run.log.write(f"# compile warm-up: a step (loss {loss:.4f}) and an evaluation forward in "
+                  f"{run.state['compile_warmup']:.1f}s ({graphs} graphs compiled), excluded from train_time; weights, "
+                  "optimizers and data put back")
+    if run.cache_file and run.master:
+        run.log.write(f"# {save_compile_cache(run.cache_file)}")
+
+
+def compile_cache_file(args, device):
+    """--compile_cache=DIR: DIR/<script>-<device>-torch<version>-triton<version>.bin. Compiled code serves only the
+    same GPU model (or CPU architecture), torch and Triton, so those name the file."""
+    if os.path.exists(args.compile_cache) and not os.path.isdir(args.compile_cache):
+        raise SystemExit(f"error: --compile_cache={args.compile_cache} is a file; give a folder (it is created if "
+                         "missing)")
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    key = f"{os.path.splitext(os.path.basename(__file__))[0]}-{device_name(device)}-torch{torch.__version__}-" \
+          f"triton{triton_version}"
+    return os.path.join(args.compile_cache, re.sub(r"[^A-Za-z0-9.+_-]+", "_", key) + ".bin")
+
+
+def load_compile_cache(path):
+    """Load compiled code saved by an earlier run, if there is any for this machine: a warm start. A file that does
+    not load is a warning (the run compiles as usual), never an error. Returns the note for the log."""
+    if not os.path.exists(path):
+        others = sorted(glob.glob(os.path.join(os.path.dirname(path), "*.bin")))
+        return (f"compile cache: nothing in {os.path.dirname(path) or '.'} for this script, device, torch and "
+                f"Triton{f' (it holds {len(others)} other file(s), e.g. {os.path.basename(others[0])})' if others else ''}"
+                f"; compiling, then saving to {path}")
+    try:
+        with open(path, "rb") as f:
+            info = torch.compiler.load_cache_artifacts(f.read())
+    except Exception as e:  # a truncated file, another torch's format: compiling cold is always correct
+        warnings.warn(f"--compile_cache: {path} did not load ({type(e).__name__}: {e}); compiling from scratch")
+        return f"compile cache: {path} did not load ({type(e).__name__}); compiling, then saving over it"
+    entries = sum(len(v) for v in vars(info).values() if isinstance(v, list)) if info is not None else 0
+    return f"compile cache: loaded {entries} entries from {path}"
+
+
+def save_compile_cache(path):
+    """Save everything this process compiled (and loaded) to path, whole or not at all (a temp file, renamed)."""
+    from torch._dynamo.utils import counters
+    hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+    artifacts = torch.compiler.save_cache_artifacts()
+    if artifacts is None:
+        return f"compile cache: nothing to save to {path}"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        f.write(artifacts[0])
+    os.replace(path + ".tmp", path)
+    note = f"compile cache: {hits} graphs found compiled, {misses} compiled anew; saved {len(artifacts[0]) / 1e6:.1f} MB to {path}"
+    if hits and misses:  # the cache held this machine's code for another version of the script
+        warnings.warn(f"--compile_cache: {misses} of {hits + misses} graphs were not in {path} (the script or its "
+                      "settings changed since it was saved); they compiled from scratch, and the file now holds them")
+    return note
 
 
 def evaluate(run):
@@ -1059,7 +1165,8 @@ def evaluate(run):
 
 
 def train_step(run, step, elapsed=0.0):
-    """One optimizer step over accum micro-batches; returns the mean training loss over every rank."""
+    """One optimizer step over accum micro-batches; returns the mean training loss over every rank as a tensor on
+    the device, unread: reading it (.item()) would make the host wait for the GPU to finish the step."""
     args, model = run.args, run.model
     progress = run_progress(step, args, elapsed)
     run.raw_model.schedule(progress)  # the model's own schedules: windows (an idea's aux-loss weight, router biases)
@@ -1087,7 +1194,7 @@ def train_step(run, step, elapsed=0.0):
     if run.world > 1:
         dist.all_reduce(loss_sum)
     run.state["tokens_seen"] += batch
-    return loss_sum.item() / (accum * run.world)
+    return loss_sum / (accum * run.world)
 
 
 def save_checkpoint(run, step):
@@ -1128,24 +1235,83 @@ def stop_signals_interrupt(run):
             signal.signal(s, handler)
 
 
+class StepRecord:
+    """A step taken, logged once the next step is queued: its loss (and an idea's log_stats) are copied to the host
+    now, behind the work that makes them, so reading them then waits for this step only, never for the next."""
+
+    def __init__(self, run, step, loss):
+        self.step, self.tokens_seen = step, run.state["tokens_seen"]
+        stats = run.raw_model.log_stats() if hasattr(run.raw_model, "log_stats") else {}  # e.g. MoE's expert load
+        self.values = {"train_loss": loss, **stats}
+        self.ready, self.done_at = None, time.perf_counter()  # on a CPU the step is done when train_step returns
+        if run.device.type == "cuda":
+            self.values = {k: v.detach().to("cpu", non_blocking=True) for k, v in self.values.items()}
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def read(self):
+        """The values, once the step is done; done_at becomes the time it was (near enough: the host is ahead)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.done_at = time.perf_counter()
+        return {k: float(v) for k, v in self.values.items()}
+
+
+def log_step(run, record, t0):
+    """The step line of a step taken, its clock read when the step was done (t0: when the clock last started; None
+    when it has stopped), or the stop on a non-finite loss."""
+    args, state = run.args, run.state
+    values = record.read()
+    train_loss, step = values.pop("train_loss"), record.step
+    if not math.isfinite(train_loss):  # the weights after step - 1 updates are bad: so is a checkpoint of them
+        state["checkpoints"] = [c for c in state["checkpoints"] if c[0] < step - 1]
+        run.stopped, run.diverged = f"train_loss is {train_loss} at step {step}", True
+        run.log.write(f"error: {run.stopped}; stopping. Last good checkpoint: {last_checkpoint(run)}; "
+                      "resume from it with a lower LR")
+        return
+    now = state["train_time"] + (record.done_at - t0 if t0 is not None else 0.0)
+    step_ms, kilo_tok_per_s = 1000 * now / step, record.tokens_seen / now / 1000
+    eta = (args.num_iterations - step) * step_ms / 1000
+    eta = min(eta, args.time_budget_s - now) if args.time_budget_s > 0 else eta
+    idea_stats = "".join(f" {name}:{value:.2f}" for name, value in values.items())
+    run.log.write(f"step:{step}/{args.num_iterations} train_loss:{train_loss:.4f} train_time:{now * 1000:.0f}ms "
+                  f"step_avg:{step_ms:.1f}ms tok/s:{kilo_tok_per_s:.{0 if kilo_tok_per_s >= 100 else 1}f}k "
+                  f"eta:{format_seconds(max(0.0, eta))}{idea_stats}")
+
+
+def agreed_elapsed(run, elapsed):
+    """The training time the schedules and the time budget act on. On several processes every rank must take the
+    same LR and stop on the same step, so all act on rank 0's clock, broadcast on a CPU (gloo) group without
+    waiting: each step uses the value sent at the step before (one step old, the same on every rank)."""
+    if run.clock_group is None:
+        return elapsed
+    sent = torch.tensor([elapsed], dtype=torch.float64)
+    previous, run.clock = run.clock, (sent, dist.broadcast(sent, src=0, group=run.clock_group, async_op=True))
+    value, work = previous or run.clock  # the first step waits for its own value
+    work.wait()
+    return float(value)
+
+
 def train_loop(run):
     """The steps, validation every val_every, checkpoints every save_every, and the training clock, which stops for
-    both. Sets run.stopped (why the run ended early) and returns the number of steps taken."""
+    both. Sets run.stopped (why the run ended early) and returns the number of steps taken. A step's line is written
+    once the next step is queued, so the host never waits for the GPU between steps."""
     args, state, log = run.args, run.state, run.log
     done, t0 = run.start_step, time.perf_counter()  # done: optimizer steps taken, whenever an interrupt lands
+    pending = None  # the StepRecord of the last step, not yet logged
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     try:
         with stop_signals_interrupt(run):
             for step in range(run.start_step, args.num_iterations + 1):
-                elapsed = state["train_time"] + time.perf_counter() - t0
-                if args.time_budget_s > 0 and run.world > 1:  # every rank must take the same LR and stop together
-                    elapsed_t = torch.tensor(elapsed, device=run.device)
-                    dist.all_reduce(elapsed_t, op=dist.ReduceOp.MAX)
-                    elapsed = elapsed_t.item()
+                elapsed = agreed_elapsed(run, state["train_time"] + time.perf_counter() - t0)
                 last = step == args.num_iterations or 0 < args.time_budget_s <= elapsed
-                validate = last or (args.val_every > 0 and step % args.val_every == 0)
+                validate = args.val_tokens > 0 and (last or (args.val_every > 0 and step % args.val_every == 0))
                 save = args.save_every > 0 and step > 0 and (last or step % args.save_every == 0)
+                if pending and (validate or save or last):  # the step line first: a NaN there must stop a save
+                    pending = log_step(run, pending, t0)
+                    if run.diverged:
+                        break
                 if (validate or save) and (step > run.start_step or run.ckpt is None):
                     if run.device.type == "cuda":
                         torch.cuda.synchronize()
@@ -1159,29 +1325,23 @@ def train_loop(run):
                     t0 = time.perf_counter()
                 if last or run.stopped:
                     break
-                train_loss = train_step(run, step, elapsed)
+                loss = train_step(run, step, elapsed)
                 done = step + 1
-                if not math.isfinite(train_loss):  # the weights after `step` updates are bad: so is a checkpoint
-                    state["checkpoints"] = [c for c in state["checkpoints"] if c[0] < step]
-                    run.stopped, run.diverged = f"train_loss is {train_loss} at step {step + 1}", True
-                    log.write(f"error: {run.stopped}; stopping. Last good checkpoint: {last_checkpoint(run)}; "
-                              "resume from it with a lower LR")
-                    break
-                now = state["train_time"] + time.perf_counter() - t0
-                step_ms, kilo_tok_per_s = 1000 * now / (step + 1), state["tokens_seen"] / now / 1000
-                eta = (args.num_iterations - step - 1) * step_ms / 1000
-                eta = min(eta, args.time_budget_s - now) if args.time_budget_s > 0 else eta
-                idea_stats = f" {run.raw_model.log_stats()}" if hasattr(run.raw_model, "log_stats") else ""  # MoE's load
-                log.write(f"step:{step + 1}/{args.num_iterations} train_loss:{train_loss:.4f} "
-                          f"train_time:{now * 1000:.0f}ms step_avg:{step_ms:.1f}ms "
-                          f"tok/s:{kilo_tok_per_s:.{0 if kilo_tok_per_s >= 100 else 1}f}k "
-                          f"eta:{format_seconds(max(0.0, eta))}{idea_stats}")
+                if pending:
+                    pending = log_step(run, pending, t0)
+                    if run.diverged:
+                        break
+                pending = StepRecord(run, done, loss)
     except KeyboardInterrupt:
         if t0 is not None:
             state["train_time"] += time.perf_counter() - t0
         run.interrupted = run.interrupted or signal.SIGINT  # a KeyboardInterrupt outside our handler: Ctrl-C
         run.stopped = f"interrupted ({signal.Signals(run.interrupted).name}) at step {done}"
+        if pending:  # the clock has stopped: its line reads train_time
+            log_step(run, pending, None)
         log.write(f"{run.stopped}; last checkpoint: {last_checkpoint(run)}")
+    if run.clock is not None:  # the last broadcast must end before the process group does
+        run.clock[1].wait()
     return done
 
 

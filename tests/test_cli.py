@@ -63,7 +63,7 @@ def test_bad_flags_are_errors_that_say_what_is_valid(script, argv, message):
     ("--lr_floor=1.5", r"--lr_floor=1.5: expected a number in \[0, 1\]"),
     ("--seq_len=0", r"--seq_len=0: expected an integer >= 1"),
     ("--batch_tokens=0", r"--batch_tokens=0: expected an integer >= 1"),
-    ("--val_tokens=0", r"--val_tokens=0: expected an integer >= 1"),
+    ("--val_tokens=-1", r"--val_tokens=-1: expected an integer >= 0 \(0: no validation\)"),
     ("--n_head=5", r"--n_head=5: must divide --n_embd=768 into a head size that is a multiple of 4; choose one of "
                    r"1, 2, 3, 4, 6, 8, 12, 16"),
     ("--num_iterations=-5", r"--num_iterations=-5: expected an integer >= 1"),
