@@ -680,7 +680,8 @@ LIMITS = {
     "head_lr": (at_least(0), "a number >= 0"), "scalar_lr": (at_least(0), "a number >= 0"),
     "adam_beta1": (lambda v: 0 <= v < 1, "a number in [0, 1)"), "adam_beta2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "weight_decay": (at_least(0), "a number >= 0"), "val_every": (at_least(0), "an integer >= 0 (0: only at the end)"),
-    "val_tokens": (at_least(0), "an integer >= 0 (0: no validation)"), "target_val_loss": (math.isfinite, "a finite number"),
+    "val_tokens": (at_least(0), "an integer >= 0 (0: no validation)"),
+    "target_val_loss": (math.isfinite, "a finite number"),
     "time_budget_s": (at_least(0), "a number of seconds >= 0 (0: off)"),
     "compile": (lambda v: v in (0, 1, "auto"), "0, 1 or auto"),
     "dtype": (lambda v: v in ("auto", "bf16", "fp16", "fp32"), "auto, bf16, fp16 or fp32"),
@@ -941,7 +942,8 @@ def setup(argv):
         raise SystemExit(f"error: --device_batch_tokens={args.device_batch_tokens} must divide the first batch stage's "
                          f"{per_rank} tokens per process" + (f" and be a multiple of --seq_len={row}" if row > 1 else ""))
     if args.val_tokens == 0 and args.stop_at_target:
-        raise SystemExit("error: --stop_at_target=1 needs validation: give --val_tokens > 0 (1048576 for the benchmark)")
+        raise SystemExit("error: --stop_at_target=1 needs validation: give --val_tokens > 0 (the benchmark's: "
+                         "1048576)")
     if args.val_tokens > 0:
         check_train_is_not_val(args.train_files, args.val_files)
     val_tokens = load_val_tokens(args.val_files, args.val_tokens, args.vocab_size) if args.val_tokens else None
@@ -963,7 +965,8 @@ def setup(argv):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if args.time_budget_s > 0:
             run.clock_group = dist.new_group(backend="gloo")
-    run.cache_note = load_compile_cache(run.cache_file) if run.cache_file else None  # before anything compiles
+    # compiled code saved by an earlier run (--compile_cache), loaded before anything compiles
+    run.cache_note, run.cache_loaded = load_compile_cache(run.cache_file) if run.cache_file else (None, 0)
     if args.device_batch_tokens == "auto":
         args.device_batch_tokens = auto_device_batch_tokens(raw_model, args, run, per_rank)
         if args.attention == "flex":
@@ -1041,8 +1044,9 @@ def compile_warmup(run):
     as they were. The copies wait in CPU memory, not on the GPU (~1.1 GB at 124M), and are gone once restored."""
     from torch._dynamo.utils import counters
     t_compile, graphs = time.perf_counter(), counters["stats"]["unique_graphs"]
-    saved = dict(model=cpu_copy(run.raw_model.state_dict()), optimizers=cpu_copy([o.state_dict() for o in run.optimizers]),
-                 scaler=run.scaler.state_dict(), loader=run.train_loader.state_dict(), tokens=run.state["tokens_seen"])
+    saved = dict(model=cpu_copy(run.raw_model.state_dict()), scaler=run.scaler.state_dict(),
+                 optimizers=cpu_copy([o.state_dict() for o in run.optimizers]),
+                 loader=run.train_loader.state_dict(), tokens=run.state["tokens_seen"])
     loss = float(train_step(run, run.start_step))  # float(): waits for the step, so its compiling is done
     if len(run.val_inputs):  # --val_tokens=0 never evaluates
         run.model.eval()
@@ -1062,7 +1066,7 @@ def compile_warmup(run):
                   f"{run.state['compile_warmup']:.1f}s ({graphs} graphs compiled), excluded from train_time; weights, "
                   "optimizers and data put back")
     if run.cache_file and run.master:
-        run.log.write(f"# {save_compile_cache(run.cache_file)}")
+        run.log.write(f"# {save_compile_cache(run.cache_file, run.cache_loaded)}")
 
 
 def compile_cache_file(args, device):
@@ -1083,23 +1087,26 @@ def compile_cache_file(args, device):
 
 def load_compile_cache(path):
     """Load compiled code saved by an earlier run, if there is any for this machine: a warm start. A file that does
-    not load is a warning (the run compiles as usual), never an error. Returns the note for the log."""
+    not load is a warning (the run compiles as usual), never an error. Returns (the note for the log, entries)."""
     if not os.path.exists(path):
         others = sorted(glob.glob(os.path.join(os.path.dirname(path), "*.bin")))
+        held = f" (it holds {len(others)} other file(s), e.g. {os.path.basename(others[0])})" if others else ""
         return (f"compile cache: nothing in {os.path.dirname(path) or '.'} for this script, device, torch and "
-                f"Triton{f' (it holds {len(others)} other file(s), e.g. {os.path.basename(others[0])})' if others else ''}"
-                f"; compiling, then saving to {path}")
-    try:
+                f"Triton{held}; compiling, then saving to {path}"), 0
+    try:  # torch returns None for a file it cannot read (a truncated one, another torch's format), saying why
         with open(path, "rb") as f:
             info = torch.compiler.load_cache_artifacts(f.read())
-    except Exception as e:  # a truncated file, another torch's format: compiling cold is always correct
-        warnings.warn(f"--compile_cache: {path} did not load ({type(e).__name__}: {e}); compiling from scratch")
-        return f"compile cache: {path} did not load ({type(e).__name__}); compiling, then saving over it"
-    entries = sum(len(v) for v in vars(info).values() if isinstance(v, list)) if info is not None else 0
-    return f"compile cache: loaded {entries} entries from {path}"
+    except Exception as e:
+        info = e
+    if info is None or isinstance(info, Exception):  # compiling from scratch is always correct
+        why = f" ({type(info).__name__}: {info})" if isinstance(info, Exception) else ""
+        warnings.warn(f"--compile_cache: {path} did not load{why}; compiling from scratch")
+        return f"compile cache: {path} did not load; compiling, then saving over it", 0
+    entries = sum(len(v) for v in info.artifacts.values())
+    return f"compile cache: loaded {entries} entries from {path}", entries
 
 
-def save_compile_cache(path):
+def save_compile_cache(path, loaded):
     """Save everything this process compiled (and loaded) to path, whole or not at all (a temp file, renamed)."""
     from torch._dynamo.utils import counters
     hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
@@ -1110,11 +1117,12 @@ def save_compile_cache(path):
     with open(path + ".tmp", "wb") as f:
         f.write(artifacts[0])
     os.replace(path + ".tmp", path)
-    note = f"compile cache: {hits} graphs found compiled, {misses} compiled anew; saved {len(artifacts[0]) / 1e6:.1f} MB to {path}"
-    if hits and misses:  # the cache held this machine's code for another version of the script
+    if loaded and misses:  # the file held code for another version of the script, or other settings
         warnings.warn(f"--compile_cache: {misses} of {hits + misses} graphs were not in {path} (the script or its "
-                      "settings changed since it was saved); they compiled from scratch, and the file now holds them")
-    return note
+                      "shape flags differ from the run that saved it); they compiled from scratch, and the file now "
+                      "holds them too")
+    return (f"compile cache: {hits} graphs found compiled, {misses} compiled anew; saved "
+            f"{len(artifacts[0]) / 1e6:.1f} MB to {path}")
 
 
 def evaluate(run):

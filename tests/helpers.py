@@ -118,3 +118,76 @@ def decode_in_pieces(model, idx, pieces):
         t += n
     assert t == idx.size(1)
     return torch.cat(out, dim=1), cache
+
+
+# ---- comparing two fp32 computations that differ only in the order of their operations ----
+# A compiled graph (or a Triton kernel) computes what eager PyTorch computes, with its sums and products in another
+# order, so their fp32 results differ by rounding; how much depends on the CPU's vector width and the shapes. Neither
+# is the exact value, so each is compared with a float64 evaluation of the same function (the reference: the model in
+# float64 except where it pins fp32 itself, the rotary angles and the logits), and the reordered one may be at most
+# REORDER_FACTOR times as far from it as eager fp32 is: eager's own distance measures this computation's rounding on
+# this CPU, and a reordering has errors of the same order, not orders of magnitude more (every script's loss and
+# gradients, on an AMD EPYC with AVX-512: at most 3.4x). FLOOR: an fp32 result is at best within half an ulp (2**-24
+# relative) of the exact value, and two orders of the same sums may land a few ulps apart even where eager happens to
+# hit the reference exactly; 32 ulps is 1.9e-6 relative. A real bug (a wrong mask or window, a dropped term, a stale
+# buffer) is off by 1e-3 or more, far outside both (tests/test_compile.py shows two such bugs caught).
+REORDER_FACTOR, FLOOR = 16.0, 32 * 2.0 ** -24
+
+
+def relative_error(value, reference):
+    value, reference = torch.as_tensor(value, dtype=torch.float64), torch.as_tensor(reference, dtype=torch.float64)
+    return float((value - reference).norm() / reference.norm().clamp_min(1e-300))
+
+
+def assert_reordering_only(reordered, eager, reference, what=""):
+    """reordered (compiled, kernels) is as close to the float64 reference as eager fp32 is, up to REORDER_FACTOR."""
+    allowed = max(REORDER_FACTOR * relative_error(eager, reference), FLOOR)
+    got = relative_error(reordered, reference)
+    assert got <= allowed, (f"{what}: {got:.3g} relative from the float64 reference, eager fp32 {allowed / REORDER_FACTOR:.3g}"
+                            f" (allowed: {allowed:.3g})")
+
+
+def replay(module, flags, replay_flags, log_dir, reference=True):
+    """Train with flags (compile=1, say), recording the model and the data position before every step (the compile
+    warm-up's too) and before every validation; then recompute each recorded loss from the same weights and data with
+    replay_flags, and (reference) in float64. Returns [(what, recorded, replay, float64 replay or None)] and the
+    summary.
+    Each comparison starts from the same weights, so it is as exact as one forward: a whole trajectory would not be,
+    since the first optimizer steps amplify rounding (at step 2 the x0 mixing and skip weights have a gradient that
+    is zero in exact arithmetic, RMSNorm's Jacobian being orthogonal to its input, so its computed value is rounding,
+    and Adam's first steps move each weight by about lr * sign(gradient), whatever its size)."""
+    import copy
+    train_step, evaluate, records = module.train_step, module.evaluate, []
+
+    def snapshot(run, what):
+        return dict(what=what, model=copy.deepcopy(run.raw_model.state_dict()), loader=run.train_loader.state_dict())
+
+    def recorded_step(run, step, elapsed=0.0):
+        records.append(dict(snapshot(run, f"step {step + 1}"), step=step, elapsed=elapsed))
+        loss = train_step(run, step, elapsed)
+        records[-1]["loss"] = float(loss)
+        return loss
+
+    def recorded_evaluation(run):
+        records.append(snapshot(run, "validation"))
+        records[-1]["loss"] = evaluate(run)
+        return records[-1]["loss"]
+
+    module.train_step, module.evaluate = recorded_step, recorded_evaluation
+    try:
+        summary = module.main([*flags, f"--log_dir={Path(log_dir) / 'recorded'}"])
+    finally:
+        module.train_step, module.evaluate = train_step, evaluate
+    replays = []
+    for name, dtype in (("replay", None), ("fp64", torch.float64))[:2 if reference else 1]:
+        run = module.setup([*replay_flags, f"--log_dir={Path(log_dir) / name}"])
+        if dtype is not None:
+            run.raw_model.to(dtype)
+        losses = []
+        for r in records:
+            run.raw_model.load_state_dict(r["model"])
+            run.train_loader.load_state_dict(r["loader"])
+            losses.append(float(train_step(run, r["step"], r["elapsed"])) if "step" in r else evaluate(run))
+        replays.append(losses)
+    replays += [[None] * len(records)] * (2 - len(replays))
+    return [(r["what"], r["loss"], a, b) for r, a, b in zip(records, *replays)], summary

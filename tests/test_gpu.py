@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import kernels
 from kernels import cross_entropy as ce, newton_schulz as ns
 from kernels._dispatch import INTERPRET
-from tests.helpers import ROOT, SCRIPTS, load_script, read_log, small_args
+from tests.helpers import ROOT, SCRIPTS, load_script, read_log, replay, small_args
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -370,36 +370,35 @@ def dynamo_graphs():
 @pytest.mark.parametrize("script,use_kernels", [(s, 0) for s in SCRIPTS] + [(BASELINE, 1)],
                          ids=[s.name for s in SCRIPTS] + [f"{BASELINE.name}-kernels1"])
 def test_compile_warmup(script, use_kernels, compiled_triton, shards, tmp_path, monkeypatch, record):
-    """--compile=1: the warm-up is logged, the losses are --compile=0's within bf16 tolerance, and nothing compiles
-    after the first evaluation (the training and the eval graph both exist by then: a later compile would be a
-    recompile inside the timed run)."""
+    """--compile=1 in bf16: the warm-up compiles every graph (nothing is compiled after it: that would be a compile
+    inside the timed run), and every step's loss and every validation equal eager bf16's from the same weights and
+    data (tests/helpers.py: replay) within 2e-2 relative: bf16 rounds to 2**-9 = 0.2%, and two orders of the same bf16
+    sums land a few of those apart; 2e-2 is ten. A wrong graph is off by far more."""
     module = load_script(script)
-    graphs_at_val = []
+    graphs = {}
+    warmup, finish = module.compile_warmup, module.finish
 
-    class CountingLog(module.RunLog):  # notes the number of compiled graphs at every validation line
-        def write(self, text, echo=True):
-            super().write(text, echo)
-            if text.startswith("step:") and " val_loss:" in text:  # not the source text, which holds it too
-                graphs_at_val.append(dynamo_graphs())
+    def counted_warmup(run):
+        graphs["before"] = dynamo_graphs()
+        warmup(run)
+        graphs["after"] = dynamo_graphs()
 
-    monkeypatch.setattr(module, "RunLog", CountingLog)
-    flags = dict(num_iterations=12, val_every=4, kernels=use_kernels, dtype="bf16")
-    start = dynamo_graphs()
-    compiled = module.main(small_args(*shards, tmp_path / "compiled", compile=1, **flags))
-    end = dynamo_graphs()
-    eager = module.main(small_args(*shards, tmp_path / "eager", compile=0, **flags))
-    log_text = (tmp_path / "compiled" / f"{compiled['run_id']}.txt").read_text()
+    def counted_finish(run, steps):  # the end of the compiled run (the eager replay's FlexAttention compiles too)
+        graphs.setdefault("end", dynamo_graphs())
+        return finish(run, steps)
+
+    monkeypatch.setattr(module, "compile_warmup", counted_warmup)
+    monkeypatch.setattr(module, "finish", counted_finish)
+    flags = small_args(*shards, tmp_path, num_iterations=12, val_every=4, kernels=use_kernels, dtype="bf16")
+    results, compiled = replay(module, [*flags, "--compile=1"], [*flags, "--compile=0"], tmp_path, reference=False)
+    log_text = next((tmp_path / "recorded").glob("*.txt")).read_text()
     record("compile warm-up s", f"{compiled['compile_warmup_s']:.1f}")
-    record("graphs", f"{graphs_at_val[0] - start} by the first validation, {end - graphs_at_val[0]} after")
-    assert "# compile warm-up: 3 steps in" in log_text and compiled["compile_warmup_s"] is not None
-    assert graphs_at_val[0] > start, "torch.compile compiled nothing (or the dynamo counter moved)"
-    assert end == graphs_at_val[0], f"{end - graphs_at_val[0]} graph(s) compiled after the first evaluation"
-    train_c, val_c, _ = read_log(tmp_path / "compiled" / f"{compiled['run_id']}.txt")
-    train_e, val_e, _ = read_log(tmp_path / "eager" / f"{eager['run_id']}.txt")
-    assert train_c.keys() == train_e.keys() and val_c.keys() == val_e.keys()
-    worst = max(abs(a - b) / abs(b) for a, b in zip([*train_c.values(), *val_c.values()],
-                                                    [*train_e.values(), *val_e.values()]))
-    record("max relative loss difference, compiled vs eager", f"{worst:.2e}")
+    record("graphs", f"{graphs['after'] - graphs['before']} in the warm-up, {graphs['end'] - graphs['after']} after")
+    assert "# compile warm-up: a step" in log_text and compiled["compile_warmup_s"] is not None
+    assert graphs["after"] > graphs["before"], "torch.compile compiled nothing (or the dynamo counter moved)"
+    assert graphs["end"] == graphs["after"], f"{graphs['end'] - graphs['after']} graph(s) compiled after the warm-up"
+    worst = max(abs(c - e) / abs(e) for _, c, e, _ in results)
+    record("max relative loss difference, compiled vs eager at the same weights", f"{worst:.2e}")
     assert worst <= 2e-2, f"compiled and eager losses differ by {worst:.3g} (relative)"
 
 

@@ -1,5 +1,5 @@
-"""The GPU code paths a CPU can run: torch.compile (Inductor's CPU backend), bf16 and fp16 autocast (with the
-GradScaler), and DDP around a compiled model on 2 gloo processes. What only a GPU can run is in test_gpu.py."""
+"""The GPU code paths a CPU can run: bf16 and fp16 autocast (with the GradScaler), and DDP around a compiled model on
+2 gloo processes (torch.compile itself: tests/test_compile.py). What only a GPU can run is in test_gpu.py."""
 import os
 import subprocess
 import sys
@@ -14,35 +14,6 @@ def train(module, shards, log_dir, **flags):
     """(train losses, val losses, summary) of a small CPU run."""
     summary = module.main(small_args(*shards, log_dir, **flags))
     return read_log(log_dir / f"{summary['run_id']}.txt")
-
-
-def test_compile_matches_eager_and_never_recompiles_after_the_first_evaluation(shards, tmp_path, monkeypatch):
-    """--compile=1 on CPU (Inductor): the compile warm-up, then 6 steps with 4 validations, the batch doubling and the
-    window growing from 1 to 2 blocks halfway. The losses equal the eager run's, and the graph count after the first
-    validation (which compiles the eval graph) never grows: not for the batch, window, LR and momentum schedules, the
-    later validations, nor the warm-up's weight reset."""
-    from torch._dynamo.utils import counters
-    module = load_script(ROOT / "train_gpt2.py")
-    graphs_after_evaluation = []
-    evaluate = module.evaluate
-
-    def counted(run):
-        loss = evaluate(run)
-        graphs_after_evaluation.append(counters["stats"]["unique_graphs"])
-        return loss
-
-    monkeypatch.setattr(module, "evaluate", counted)
-    schedules = dict(num_iterations=6, val_every=2, batch_tokens=512, batch_stages=2, window_blocks="1,2")
-    eager = train(module, shards, tmp_path / "eager", compile=0, **schedules)
-    graphs_after_evaluation.clear()
-    compiled = train(module, shards, tmp_path / "compiled", compile=1, **schedules)
-    assert "accumulation 1, 2 (batch stages 256, 512 tokens)" in next((tmp_path / "compiled").glob("*.txt")).read_text()
-    assert compiled[2]["compile_warmup_s"] > 0
-    for step, loss in eager[0].items():  # train losses
-        assert compiled[0][step] == pytest.approx(loss, abs=2e-4)
-    for step, loss in eager[1].items():  # val losses
-        assert compiled[1][step] == pytest.approx(loss, abs=2e-4)
-    assert len(graphs_after_evaluation) == 4 and len(set(graphs_after_evaluation)) == 1, graphs_after_evaluation
 
 
 @pytest.mark.parametrize("dtype, scaled", [("bf16", False), ("fp16", True)])
@@ -64,8 +35,12 @@ def test_autocast_trains_on_cpu(shards, tmp_path, monkeypatch, dtype, scaled):
 
 
 def test_ddp_around_a_compiled_model_on_two_gloo_processes(shards, tmp_path):
-    """torch.compile(DDP(model)) with 2 CPU processes x 128 tokens == 1 eager process x 2 accumulation steps."""
-    args = small_args(*shards, tmp_path / "ddp", num_iterations=3, val_every=3, device_batch_tokens=128, compile=1)
+    """DDP around a compiled model, 2 CPU processes x 128 tokens == 1 eager process x 2 accumulation steps: the first
+    two steps' losses and the validations before and after the first step. Those are near-exact: they come from the
+    initial weights and one update (Adam moving only the zero-initialised head, by ~lr * sign of gradients far above
+    rounding), so two fp32 orders of the same sums agree to ~1e-7 relative; 1e-5 leaves 100x. Later losses are not
+    compared: from the second update on, rounding-level differences are amplified (tests/helpers.py, replay)."""
+    args = small_args(*shards, tmp_path / "ddp", num_iterations=2, val_every=1, device_batch_tokens=128, compile=1)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(ROOT / "train_gpt2.py"), *args], env=env, capture_output=True, text=True, timeout=900)
@@ -73,8 +48,9 @@ def test_ddp_around_a_compiled_model_on_two_gloo_processes(shards, tmp_path):
     ddp_log = next((tmp_path / "ddp").glob("*.txt"))
     train_ddp, val_ddp, summary = read_log(ddp_log)
     assert summary["world_size"] == 2 and "compile True" in ddp_log.read_text()
-    train_one, val_one, _ = train(load_script(ROOT / "train_gpt2.py"), shards, tmp_path / "one", num_iterations=3,
-                                  val_every=3, device_batch_tokens=128)
-    for step in (1, 2, 3):
-        assert train_ddp[step] == pytest.approx(train_one[step], abs=2e-4)
-    assert val_ddp[3] == pytest.approx(val_one[3], abs=2e-4)
+    train_one, val_one, _ = train(load_script(ROOT / "train_gpt2.py"), shards, tmp_path / "one", num_iterations=2,
+                                  val_every=1, device_batch_tokens=128)
+    for step in (1, 2):
+        assert train_ddp[step] == pytest.approx(train_one[step], rel=1e-5)
+    for step in (0, 1):
+        assert val_ddp[step] == pytest.approx(val_one[step], rel=1e-5)
