@@ -373,6 +373,7 @@ class GPT(nn.Module):
         U-net skips between the blocks run eagerly (a few elementwise ops). fullgraph: a graph break is an error."""
         for block in [m for m in self.modules() if isinstance(m, Block)]:
             block.compile(fullgraph=True, **options)
+        self.__dict__.pop("head_loss", None)  # an earlier call's compiled version (the micro-batch probe's)
         self.head_loss = torch.compile(self.head_loss, fullgraph=True, **options)
         self.build_block_mask = torch.compile(create_block_mask, fullgraph=True, **options)
 
@@ -994,7 +995,10 @@ def setup(argv):
         raise SystemExit(f"error: --val_tokens={args.val_tokens} is not a multiple of --device_batch_tokens={T} x "
                          f"{run.world} processes (validation streams are micro-batch sized)")
     run.optimizers = build_optimizers(raw_model, args, device)
-    if run.use_compile:  # compiled here, lazily: at the warm-up's first step
+    if run.use_compile:  # compiled lazily, at the warm-up's first step
+        # each kind of block (value embeddings or not, an idea's own), in training and in evaluation, is an entry of
+        # Block.forward's one compile cache: room for 16, not Dynamo's default 8 (AFNO's two kinds of block fill 8)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
         raw_model.compile_regions()
     run.model = raw_model
     if run.world > 1:  # the rotary tables are built, not learned: no buffers to broadcast
@@ -1293,8 +1297,8 @@ def agreed_elapsed(run, elapsed):
 
 def train_loop(run):
     """The steps, validation every val_every, checkpoints every save_every, and the training clock, which stops for
-    both. Sets run.stopped (why the run ended early) and returns the number of steps taken. A step's line is written
-    once the next step is queued, so the host never waits for the GPU between steps."""
+    both and at the end. Sets run.stopped (why the run ended early) and returns the number of steps taken. A step's
+    line is written once the next step is queued, so the host never waits for the GPU between steps."""
     args, state, log = run.args, run.state, run.log
     done, t0 = run.start_step, time.perf_counter()  # done: optimizer steps taken, whenever an interrupt lands
     pending = None  # the StepRecord of the last step, not yet logged
@@ -1311,10 +1315,10 @@ def train_loop(run):
                     pending = log_step(run, pending, t0)
                     if run.diverged:
                         break
-                if (validate or save) and (step > run.start_step or run.ckpt is None):
+                if (validate or save or last) and (step > run.start_step or run.ckpt is None):
                     if run.device.type == "cuda":
                         torch.cuda.synchronize()
-                    if step > run.start_step:  # the clock stops for validation and checkpoints
+                    if step > run.start_step:  # the clock stops for validation and checkpoints, and at the end
                         state["train_time"] += time.perf_counter() - t0
                     t0 = None
                     if validate:
@@ -1331,6 +1335,8 @@ def train_loop(run):
                     if run.diverged:
                         break
                 pending = StepRecord(run, done, loss)
+            if run.diverged:  # the clock stops here too
+                state["train_time"] += time.perf_counter() - t0
     except KeyboardInterrupt:
         if t0 is not None:
             state["train_time"] += time.perf_counter() - t0

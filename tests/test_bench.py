@@ -1,5 +1,5 @@
-"""bench.py on CPU: one row per script, FLOPs that match the analytic count, the GPU peak table, and the plumbing of
---gpu-check (stages, budgets, the report's files) with an injected runner in place of the GPU."""
+"""bench.py on CPU: one row per script, FLOPs that match the analytic count, the GPU peak table, and the
+plumbing of --gpu-check (stages, budgets, the report's files) with an injected runner in place of the GPU."""
 import json
 import subprocess
 import sys
@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import ROOT, SCRIPTS, load_script, markov_tokens
+from tests.helpers import ROOT, SCRIPTS, load_script, markov_tokens, read_log
 
 bench = load_script(ROOT / "bench.py")
 
@@ -21,14 +21,21 @@ def test_tiny_preset_table_on_cpu(capsys, tmp_path):
     assert json.loads(capsys.readouterr().out.strip()) == row  # stdout holds only the JSON
     (log,) = tmp_path.glob("train_gpt2_*.txt")  # --log_dir keeps the run log
     assert bench.leaderboard.parse_log(log).summary["steps"] == 2
+    train, val, summary = read_log(log)
+    assert val == {} and summary["final_val_loss"] is None and summary["val_tokens"] == 0  # never validates
+    last_step_ms = bench.leaderboard.parse_log(log).train_points[-1][2]  # the time at the last step's end
+    assert row["ms_per_step"] == pytest.approx(1000 * summary["train_time_s"] / 2) and len(train) == 2
+    assert 1000 * summary["train_time_s"] >= last_step_ms - 1 > 0  # the clock stops at the end (log: whole ms)
     L, C, W, V = 2, 64, 512, 50304  # the tiny preset; its last long window is 4 blocks of 128 tokens
     blocks, scalars = L * 12 * C * C, 2 * 2 + 2 * 2 + 1  # block and attention lambdas, one U-net skip weight
-    # embedding tables: the token embedding and one value embedding (min(3, L // 2)), looked up, not multiplied
+    # embedding tables: the token embedding and one value embedding (min(3, L // 2)), looked up, not
+    # multiplied
     assert row["params_m"] * 1e6 == 3 * V * C + blocks + scalars
     assert row["active_params_m"] * 1e6 == V * C + blocks + scalars
-    # 6 FLOPs per multiply-add weight per token (forward + backward), plus QK^T and AV over a row of the window
+    # 6 FLOPs per multiply-add weight per token (forward + backward), plus QK^T and AV over a row of the
+    # window
     assert row["gflops_per_token"] * 1e9 == pytest.approx(6 * (blocks + V * C) + 12 * L * C * W)
-    assert row["tokens_per_s"] > 0 and row["ms_per_step"] > 0 and row["mfu"] is None  # no peak known for a CPU
+    assert row["tokens_per_s"] > 0 and row["ms_per_step"] > 0 and row["mfu"] is None  # no peak for a CPU
     assert row["batch_tokens"] == 512 and row["compile_s"] is None
 
 
@@ -40,24 +47,25 @@ def test_peak_table_prefers_the_specific_name():
 
 
 def test_table_format():
-    row = dict(script="train_gpt2.py", params_m=162.2, active_params_m=123.6, tokens_per_s=1.5e6, ms_per_step=350.0,
-               gflops_per_token=0.855, mfu=0.41, peak_mem_gb=20.5, compile_s=61.0)
+    row = dict(script="train_gpt2.py", params_m=162.2, active_params_m=123.6, tokens_per_s=1.5e6,
+               ms_per_step=350.0, gflops_per_token=0.855, mfu=0.41, peak_mem_gb=20.5, compile_s=61.0)
     table = bench.format_table([row])
-    assert "| train_gpt2.py | 162.2M / 123.6M | 1,500,000 | 350.0 | 0.855 | 41.0% | 20.50 GB | 61 s |" in table
+    assert "| train_gpt2.py | 162.2M / 123.6M | 1,500,000 | 350.0 | 0.855 | 41.0% | 20.50 GB | 61 s |" \
+        in table
 
 
 def test_race_writes_a_checkable_proxy_record(shards, tmp_path):
     scripts = [str(ROOT / "train_gpt2.py")]
-    small = ["vocab_size=256", "n_layer=2", "n_head=2", "n_embd=64", "batch_tokens=256", "device_batch_tokens=256",
-             "window_blocks=1"]
-    bench.main(["--race", "--minutes", "0.05", "--preset", "tiny", "--scripts", *scripts, "--train_files", shards[0],
-                "--val_files", shards[1], "--val_every", "5", "--val_tokens", "2048", "--name", "Smoke",
-                "--records", str(tmp_path), "--set", *small])
+    small = ["vocab_size=256", "n_layer=2", "n_head=2", "n_embd=64", "batch_tokens=256",
+             "device_batch_tokens=256", "window_blocks=1"]
+    bench.main(["--race", "--minutes", "0.05", "--preset", "tiny", "--scripts", *scripts, "--train_files",
+                shards[0], "--val_files", shards[1], "--val_every", "5", "--val_tokens", "2048", "--name",
+                "Smoke", "--records", str(tmp_path), "--set", *small])
     (folder,) = (tmp_path / "proxy").iterdir()
     assert folder.name.endswith("_Smoke")
     (log,) = folder.glob("*.txt")
     summary = bench.leaderboard.parse_log(log).summary
-    assert 3.0 <= summary["train_time_s"] < 10.0 and summary["steps"] > 1  # 0.05 minutes, and the step that ends it
+    assert 3.0 <= summary["train_time_s"] < 10.0 and summary["steps"] > 1  # 0.05 minutes and the last step
     readme = (folder / "README.md").read_text()
     assert "| train_gpt2.py |" in readme and "never a FineWeb result" in readme
     assert bench.leaderboard.check_record(folder, "proxy") == []
@@ -69,7 +77,7 @@ def test_race_writes_a_checkable_proxy_record(shards, tmp_path):
 # ---- --gpu-check: the plumbing, on CPU ----
 
 TINY = ["--preset=tiny", "--vocab_size=256", "--n_layer=2", "--n_head=2", "--n_embd=64", "--window_blocks=1",
-        "--batch_tokens=256", "--device_batch_tokens=256", "--compile=0"]  # later flags win over the stage's own
+        "--batch_tokens=256", "--device_batch_tokens=256", "--compile=0"]  # later flags win over the stage's
 
 
 def make_proxy(directory, n_val=4096):
@@ -83,7 +91,8 @@ def make_proxy(directory, n_val=4096):
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="3">
 <testcase classname="tests.test_gpu" name="test_sdpa_backend[train_gpt2.py]" time="1.5"><properties>
-<property name="flash only" value="runs"/><property name="default backend" value="flash"/></properties></testcase>
+<property name="flash only" value="runs"/>
+<property name="default backend" value="flash"/></properties></testcase>
 <testcase classname="tests.test_gpu" name="test_xxt_kernel[48x768x768]" time="2.0">
 <failure message="AssertionError: value: relative error 0.5 &gt; 0.01">trace</failure></testcase>
 <testcase classname="tests.test_gpu" name="test_fp16_trains_with_grad_scaler[kernels1]" time="0.0">
@@ -91,8 +100,9 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="py
 
 
 class FakeRunner:
-    """Stands in for run_logged: leaves behind what each kind of command would (pytest's xml, bench's JSON row) and
-    advances a fake clock by `seconds` per command; race commands run for real (tiny, on CPU) when real_race."""
+    """Stands in for run_logged: leaves behind what each kind of command would (pytest's xml, bench's JSON
+    row) and advances a fake clock by `seconds` per command; race commands run for real (tiny, on CPU) when
+    real_race."""
 
     def __init__(self, seconds=10.0, real_race=False):
         self.seconds, self.real_race, self.now, self.calls = seconds, real_race, 0.0, []
@@ -111,8 +121,9 @@ class FakeRunner:
             script = cmd[cmd.index("--scripts") + 1].rsplit("/", 1)[-1]
             faster = 1.1 if "kernels=1" in cmd else 1.0
             row = dict(script=script, params_m=162.2, active_params_m=123.6, tokens_per_s=1e6 * faster,
-                       ms_per_step=524.3 / faster, gflops_per_token=0.855, mfu=0.4 * faster, peak_mem_gb=20.0 / faster,
-                       compile_s=50.0, device="NVIDIA H100 80GB HBM3", world_size=1, batch_tokens=524288, micro_batch=16384)
+                       ms_per_step=524.3 / faster, gflops_per_token=0.855, mfu=0.4 * faster,
+                       peak_mem_gb=20.0 / faster, compile_s=50.0, device="NVIDIA H100 80GB HBM3",
+                       world_size=1, batch_tokens=524288, micro_batch=16384)
             log_path.write_text("step:1/10 train_loss:10.8 ...\n" + json.dumps(row) + "\n")
         elif self.real_race:
             return bench.run_logged(cmd, log_path, timeout_s, env)
@@ -124,13 +135,14 @@ def test_gpu_check_writes_every_stage_into_one_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "BENCH_RUN_S", 75.0)  # tiny runs: every planned command fits one stage
     monkeypatch.setattr(bench, "RACE_OVERHEAD_S", 100.0)
     out, runner = tmp_path / "out", FakeRunner(real_race=True)
-    o = bench.CheckOptions(scripts=[ROOT / "train_gpt2.py", ROOT / "train_gpt2_mla.py"], flags=TINY, minutes=0.05,
-                           val_every=5, val_tokens=2048, proxy_dir=make_proxy(tmp_path / "proxy"))
+    o = bench.CheckOptions(scripts=[ROOT / "train_gpt2.py", ROOT / "train_gpt2_mla.py"], flags=TINY,
+                           minutes=0.05, val_every=5, val_tokens=2048,
+                           proxy_dir=make_proxy(tmp_path / "proxy"))
     results = bench.gpu_check("all", out, o, runner=runner, clock=runner.clock)
     files = {p.name for p in out.iterdir()}
     assert {p for p in files if not p.startswith("race_plot")} == {
         "environment.txt", *(f"{s}{ext}" for s in bench.STAGES for ext in (".json", ".md", "_logs.tar.gz"))}
-    assert all(p.is_file() for p in out.iterdir())  # the raw logs are packed: each stage leaves at most 5 files
+    assert all(p.is_file() for p in out.iterdir())  # the raw logs are packed: a stage leaves at most 5 files
     assert "torch " + torch.__version__ in (out / "environment.txt").read_text()
 
     tests = json.loads((out / "tests.json").read_text())
@@ -140,7 +152,8 @@ def test_gpu_check_writes_every_stage_into_one_folder(tmp_path, monkeypatch):
     assert tests["problems"][:2] == ["test test_xxt_kernel[48x768x768] failed",
                                      "1 test(s) skipped on the GPU machine"]
     md = (out / "tests.md").read_text()
-    assert "| test_sdpa_backend[train_gpt2.py] | passed | 1.5 | flash only = runs; default backend = flash |" in md
+    row = "| test_sdpa_backend[train_gpt2.py] | passed | 1.5 | flash only = runs; default backend = flash |"
+    assert row in md
     assert "relative error 0.5 > 0.01" in md
     pytest_call = runner.calls[0]
     assert pytest_call["cmd"][3:7] == ["-m", "gpu", "tests", "-v"] and \
@@ -175,8 +188,8 @@ def test_gpu_check_writes_every_stage_into_one_folder(tmp_path, monkeypatch):
 
 
 def test_a_stage_runs_only_what_fits_its_budget(tmp_path, monkeypatch):
-    """Each command gets what is left of the budget as its time limit; one that no longer fits is skipped, so the
-    stage ends inside its budget whatever the machine's speed."""
+    """Each command gets what is left of the budget as its time limit; one that no longer fits is skipped, so
+    the stage ends inside its budget whatever the machine's speed."""
     monkeypatch.setattr(bench, "BENCH_RUN_S", 75.0)
     runner = FakeRunner(seconds=100.0)
     o = bench.CheckOptions(scripts=SCRIPTS[:3], budget_s=250.0)
@@ -189,8 +202,8 @@ def test_a_stage_runs_only_what_fits_its_budget(tmp_path, monkeypatch):
 
 
 def test_time_budget_arithmetic():
-    # A stage's commands share its budget less the grace a stopped command gets: 560 s - 30 s = 530 s, inside a
-    # 10-minute device command (the machine's start-up is not counted in it) with 40 s to pack the logs.
+    # A stage's commands share its budget less the grace a stopped command gets: 560 s - 30 s = 530 s, so the
+    # whole command stays inside 10 minutes with 40 s to pack the logs.
     usable = bench.STAGE_BUDGET_S - bench.STOP_GRACE_S
     assert (usable, bench.STAGE_BUDGET_S) == (530, 560) and bench.STAGE_BUDGET_S <= 600 - 40
     # race at 124M (measured on an H100: 363 s compile warm-up, 81 s first validation): one script per command
@@ -201,7 +214,10 @@ def test_time_budget_arithmetic():
     # bench: one script, --kernels=0, fits; the --kernels=1 run of the same script does not
     assert bench.BENCH_RUN_S <= usable < 2 * bench.BENCH_RUN_S
     _, note, _ = bench.plan_bench(ROOT, bench.CheckOptions(scripts=SCRIPTS[:1] * 4))
-    assert note.endswith("= 3760 s > 530 s: the last runs will be skipped; split them with --scripts")
+    assert note.endswith("= 3120 s > 530 s: the last runs will be skipped; split them with --scripts")
+    # quick: its phases get its budget less the grace and the packing; the command stays inside 10 minutes
+    assert bench.QUICK_BUDGET_S - bench.STOP_GRACE_S - bench.QUICK_PACK_S == 500
+    assert bench.QUICK_BUDGET_S <= 600 - 60
 
 
 def test_race_without_proxy_shards_gives_the_recipe(tmp_path, capsys):
@@ -209,7 +225,7 @@ def test_race_without_proxy_shards_gives_the_recipe(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         bench.gpu_check("all", tmp_path / "out", o, runner=FakeRunner())
     message = str(e.value)
-    assert "enwiki_train_*.bin and owt_val_*.bin; found 0 and 0" in message and 'carry=["data/proxy"]' in message
+    assert "enwiki_train_*.bin and owt_val_*.bin; found 0 and 0" in message and "every clone" in message
     assert "--prefix enwiki" in message and "--max-tokens 20000000" in message and "--prefix owt" in message
     assert not (tmp_path / "out").exists()  # nothing ran: the error comes before any GPU time
     # every flag of the recipe is one data/fineweb.py takes
@@ -223,16 +239,18 @@ def test_race_without_proxy_shards_gives_the_recipe(tmp_path, capsys):
         bench.proxy_shards(tmp_path / "small")
 
 
-def test_gpu_check_without_cuda_is_one_clear_error(monkeypatch, tmp_path):
+@pytest.mark.parametrize("stage", ["quick", "tests"])
+def test_gpu_check_without_cuda_is_one_clear_error(monkeypatch, tmp_path, stage):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as e:
-        bench.main(["--gpu-check", "tests", "--out", str(tmp_path / "out")])
+        bench.main(["--gpu-check", stage, "--out", str(tmp_path / "out")])
     assert str(e.value).startswith("error: --gpu-check needs a CUDA GPU") and "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()
 
 
 def test_run_logged_stops_a_command_at_its_time_limit(tmp_path):
-    rc, seconds, timed_out = bench.run_logged([sys.executable, "-c", "print('hello')"], tmp_path / "a.txt", 60)
+    hello = [sys.executable, "-c", "print('hello')"]
+    rc, seconds, timed_out = bench.run_logged(hello, tmp_path / "a.txt", 60)
     assert (rc, timed_out) == (0, False) and (tmp_path / "a.txt").read_text().endswith("hello\n")
     sleeper = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
     t0 = time.monotonic()
@@ -253,12 +271,13 @@ def test_gpu_tests_are_collected_and_skip_on_cpu(tmp_path):
                  "fused_linear_cross_entropy_memory", "fused_adamw", "fp16", "compile_warmup"):
         assert any(kind in name for name in names), kind
     assert sum("sdpa_backend" in name for name in names) == len(SCRIPTS)  # every script's attention
-    # The tests stage's own pytest command, for real: on CPU every test is a skip, not an error, and the report
-    # is read from pytest's xml.
+    # The tests stage's own pytest command, for real: on CPU every test is a skip, not an error, and the
+    # report is read from pytest's xml.
     o = bench.CheckOptions(scripts=SCRIPTS)
     tests = bench.gpu_check("tests", tmp_path, o, runner=bench.run_logged)["tests"]
     assert tests["commands"][0]["status"] == "ok", (tmp_path / "tests.md").read_text()
-    ideas = [t["name"] for t in tests["tests"] if t["name"] == "test_grouped_gemm_path_on_the_gpu_matches_the_dense_path"]
+    grouped = "test_grouped_gemm_path_on_the_gpu_matches_the_dense_path"
+    ideas = [t["name"] for t in tests["tests"] if t["name"] == grouped]
     assert ideas, "the stage runs the ideas' own CUDA tests too (tests/test_moe.py)"
     n = tests["counts"]["skipped"]
     assert tests["counts"] == dict(passed=0, failed=0, error=0, skipped=n) and n == len(names) + len(ideas)

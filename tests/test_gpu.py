@@ -1,7 +1,7 @@
 """What only a CUDA GPU can show: the Triton kernels compiled for it (bf16, values and gradients), the fused CE's
 memory, which SDPA backend each script's attention takes, fused AdamW, the fp16 path and the compile warm-up.
 
-    python bench.py --gpu-check tests                                  on a lent GPU: a time budget and a report
+    python bench.py --gpu-check tests                                  every GPU test, in a time budget, with a report
     TRITON_INTERPRET=0 python -m pytest -m gpu tests/test_gpu.py -rA   the same tests by hand
 
 Every test is marked `gpu` and skips without CUDA. Figures (errors, memory, backends) go to record_property, so the
@@ -22,7 +22,7 @@ from tests.helpers import ROOT, SCRIPTS, load_script, read_log, replay, small_ar
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(),
-    reason="needs a CUDA GPU (torch.cuda.is_available() is False); on a lent GPU: python bench.py --gpu-check tests")]
+    reason="needs a CUDA GPU (torch.cuda.is_available() is False); on one: python bench.py --gpu-check tests")]
 
 N_TOKENS, VOCAB, DIM = 4096, 50304, 768  # a quarter of the 124M micro-batch (16 x 1024 tokens) at the 124M head
 BASELINE = ROOT / "train_gpt2.py"
