@@ -1066,9 +1066,9 @@ def compile_warmup(run):
     del saved
     run.state["compile_warmup"] = time.perf_counter() - t_compile
     graphs = counters["stats"]["unique_graphs"] - graphs
-    run.log.write(f"# compile warm-up: a step (loss {loss:.4f}) and an evaluation forward in "
-                  f"{run.state['compile_warmup']:.1f}s ({graphs} graphs compiled), excluded from train_time; weights, "
-                  "optimizers and data put back")
+    evaluation = " and an evaluation forward" if len(run.val_inputs) else ""
+    run.log.write(f"# compile warm-up: a step (loss {loss:.4f}){evaluation} in {run.state['compile_warmup']:.1f}s "
+                  f"({graphs} graphs compiled), excluded from train_time; weights, optimizers and data put back")
     if run.cache_file and run.master:
         run.log.write(f"# {save_compile_cache(run.cache_file, run.cache_loaded)}")
 
