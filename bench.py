@@ -111,10 +111,7 @@ def model_costs(module, args):
         model = module.GPT(module.GPTConfig.from_args(args))
         idx = torch.zeros(1, args.seq_len, dtype=torch.long)
     total = sum(p.numel() for p in model.parameters())
-    if hasattr(model, "num_active_params"):  # e.g. a mixture of experts: the parameters one token uses
-        active = model.num_active_params()
-    else:  # embedding tables are looked up, not multiplied
-        active = total - sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    active = model.num_active_params()  # embedding tables are looked up; a mixture of experts skips experts
     counter = FlopCounterMode(display=False)
     with counter:
         model(idx, idx).backward()
@@ -900,7 +897,7 @@ def setup_script(path, flags):
                    params_m=sum(p.numel() for p in model.parameters()) / 1e6,
                    micro_batch=args.device_batch_tokens, stage_batches=module.stage_batches(args),
                    run_log=Path(run.log.path).name,
-                   describe=model.describe() if hasattr(model, "describe") else None)
+                   describe=model.describe() or None)
     grouped = [m.grouped for m in model.modules() if hasattr(m, "grouped")]  # MoE: torch._grouped_mm
     if grouped:  # it runs on CUDA under bf16 autocast; elsewhere the dense fallback does
         bf16_cuda = run.device.type == "cuda" and run.amp_dtype == torch.bfloat16
@@ -1197,8 +1194,8 @@ def markdown_setup(r):
     c = r["compile"]
     timers = ", ".join(f"{k}: `{v}`" for k, v in c["timers"].items() if v)
     lines = [f"Set-up {r['setup_s']:.1f} s, of which the compile warm-up "
-             f"{fmt(r['compile_warmup_s'], '.1f', ' s')} (one real training step, which compiles every "
-             "training graph; no evaluation graph, since the check never validates). Compile: Dynamo "
+             f"{fmt(r['compile_warmup_s'], '.1f', ' s')} (one real training step and one evaluation forward, "
+             "which compile every graph). Compile: Dynamo "
              f"{fmt(c['dynamo_s'], '.1f', ' s')}, AOTAutograd {fmt(c['aot_s'], '.1f', ' s')}, Inductor "
              f"{fmt(c['inductor_s'], '.1f', ' s')} (of {fmt(c['total_s'], '.1f', ' s')} compiling; each its "
              f"own time, from compile_times' timers {timers or '(none: nothing compiled)'}); "

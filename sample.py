@@ -16,6 +16,7 @@ sampled, and a sample ends at <|endoftext|>. Checkpoints are pickles: load only 
 import argparse
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -189,6 +190,8 @@ def main(argv=None):
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
+    # decoding runs FlexAttention eagerly (correct, just unfused), as the train scripts' CPU validation does
+    warnings.filterwarnings("ignore", message=r".*flex_attention called without torch\.compile")
     model, _, ckpt = load_checkpoint(args.checkpoint, args.script, device)
     enc = gpt2_encoding()
     prompt = enc.encode(args.prompt, allowed_special={"<|endoftext|>"})

@@ -39,7 +39,7 @@ def embedding_outputs(model):
 
 def find_leaks(model):
     """Every violation of the two properties, as readable strings; empty when the model is causal."""
-    tolerance = getattr(type(model), "causality_tolerance", 0.0)
+    tolerance = model.causality_tolerance
     torch.manual_seed(1)
     idx = torch.randint(0, VOCAB, (2, T))
     with torch.no_grad():
@@ -107,6 +107,8 @@ def test_a_leak_into_masked_out_logits_is_caught():
     """-inf logits (a masked vocabulary, as LightRNN's empty cells) must not blind the check: -inf - -inf is NaN, and
     NaN > tolerance is False. A future token that unmasks an earlier logit, or makes it NaN, is a leak."""
     class Masked(torch.nn.Module):
+        causality_tolerance = 0.0
+
         def __init__(self, poison):
             super().__init__()
             self.wte, self.poison = torch.nn.Embedding(VOCAB, 4), poison

@@ -1,18 +1,32 @@
 """GPT-2 speedrun baseline + Multi-Token Prediction (MTP): an auxiliary loss on predicting further tokens.
 
-DeepSeek-V3's sequential MTP (DeepSeek-AI 2024, "DeepSeek-V3 Technical Report", section 2.2): depth d = 1..mtp_depth
-combines depth d-1's hidden state at position i with the embedding of token i+d, runs one transformer block and
-predicts token i+d+1 through the shared output head. Training loss = next-token loss + mtp_weight * mean of the MTP
-losses, the weight following --mtp_weight_schedule; validation (eval mode) is the plain next-token loss, so val
-losses compare with every other script. The MTP modules (state-dict keys `mtp.*`) are not needed for inference:
-a model built with mtp_depth=0 loads an MTP checkpoint and gives the same logits.
+DeepSeek-V3's sequential MTP (DeepSeek-AI 2024, "DeepSeek-V3 Technical Report", section 2.2): depth d =
+1..mtp_depth combines depth d-1's hidden state at position i with the embedding of token i+d, runs one
+transformer block and predicts token i+d+1 through the shared output head. Training loss = next-token loss +
+mtp_weight * mean of the MTP losses, the weight following --mtp_weight_schedule; validation (eval mode) is the
+plain next-token loss, so val losses compare with every other script. The MTP modules (state-dict keys
+`mtp.*`) are not needed for inference: a model built with mtp_depth=0 loads an MTP checkpoint and gives the
+same logits.
 
-    python train_gpt2_mtp.py --preset=tiny             a CPU-sized run on the bundled sample in data/sample/
-    python train_gpt2_mtp.py --help                    every flag with its default; MTP's own flags come last
+    torchrun --nproc_per_node=1 train_gpt2_mtp.py   124M on FineWeb (python data/fineweb.py --shards 8)
+    python train_gpt2_mtp.py --preset=tiny          a CPU-sized run on the bundled sample in data/sample/
+    python train_gpt2_mtp.py --help                 every flag with its default
 
-Only the `model` section and the MTP flags at the end of `Hyperparameters` differ from train_gpt2.py
-(tests/test_scripts_in_sync.py), so `diff train_gpt2.py train_gpt2_mtp.py` shows exactly this idea.
-"""
+What is in this baseline (each piece names the modded-nanogpt record it comes from, where it is defined):
+- GPT-2 small's shape, 12 layers of width 768, with 6 heads of 128, QK-norm, half-truncated rotary, ReLU²,
+  RMSNorm without gains, zero-initialised projections and an untied, zero-initialised head softcapped at 15;
+- FlexAttention over packed token streams: a document never sees another, and layers alternate long and short
+  sliding windows that grow over training;
+- value embeddings in the first and last 3 layers, U-net skips, and every block mixing in the embedding (x0);
+- Muon with Polar Express Newton-Schulz for hidden matrices, AdamW for embeddings, head and scalars;
+- batch, LR and window schedules by thirds (131,072 -> 262,144 -> 393,216 tokens a step), a linear cool-down;
+- regional torch.compile, a step loop that never waits for the GPU, any number of GPUs through torchrun.
+
+The file reads top to bottom: the ML first (kernels, muon, model, data, hyperparameters, train), then the
+harness, which a reader can skip (flags, checkpoints, logs, set-up). Sections open with `# ---- <name> ----`;
+every section but `model` is byte-identical across train_gpt2*.py (tests/test_scripts_in_sync.py), so `diff
+train_gpt2.py train_gpt2_<idea>.py` shows exactly one idea. Importing this file has no side effects:
+everything runs from main()."""
 # ---- imports ----
 import contextlib
 import ctypes
@@ -20,6 +34,7 @@ import dataclasses
 import datetime
 import glob
 import hashlib
+import importlib.util
 import inspect
 import json
 import math
@@ -33,7 +48,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 import typing
 import uuid
 import warnings
@@ -70,9 +84,10 @@ def xxt(X):
 
 
 # ---- muon ----
-# Polar Express (Amsel et al. 2025; modded-nanogpt record 2025-09-29, -10 steps): one (a, b, c) per Newton–Schulz
-# step, each the best odd quintic for the singular values that can remain after the steps before it, so five steps
-# land every singular value nearer 1 than Muon's one fixed quintic (3.4445, -4.7750, 2.0315) does.
+# Polar Express (Amsel et al. 2025; modded-nanogpt record 2025-09-29, -10 steps): one (a, b, c) per
+# Newton–Schulz step, each the best odd quintic for the singular values that can remain after the steps before
+# it, so five steps land every singular value nearer 1 than Muon's one fixed quintic (3.4445, -4.7750, 2.0315)
+# does.
 POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
                  (4.042929935166739, -2.808917465908714, 0.5000178451051316),
                  (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
@@ -82,11 +97,13 @@ POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
 
 def zeropower_via_newtonschulz5(G, steps=5):
     """Approximately orthogonalise each matrix of G (..., m, n): its singular values go to ~1."""
-    X = G.bfloat16() if G.is_cuda else G.float()  # bf16 is stable here and fast on GPU; CPU bf16 matmuls are slow
+    # bf16 is stable here and fast on GPU; CPU bf16 matmuls are slow
+    X = G.bfloat16() if G.is_cuda else G.float()
     transposed = G.size(-2) > G.size(-1)
     if transposed:  # iterate on the wide orientation so the Gram matrix X X^T is the small one
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # spectral norm < 1, with Polar Express's margin
+    # spectral norm < 1, with Polar Express's margin
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
     for a, b, c in POLAR_EXPRESS[:steps]:
         A = xxt(X)
         B = b * A + c * xxt(A)  # A is symmetric, so A @ A = A @ A^T
@@ -95,10 +112,11 @@ def zeropower_via_newtonschulz5(G, steps=5):
 
 
 class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton–Schulz (Jordan et al. 2024): Nesterov SGD-momentum whose update of each
-    hidden weight matrix is replaced by the nearest semi-orthogonal matrix. Hidden weights only: embeddings, head
-    and scalars go to AdamW. Same-shape weights are stacked so one batched Newton–Schulz call serves them all.
-    Every rank computes every update (gradients are already averaged by DDP): simple, and free on one GPU."""
+    """MomentUm Orthogonalized by Newton–Schulz (Jordan et al. 2024): Nesterov SGD-momentum whose update of
+    each hidden weight matrix is replaced by the nearest semi-orthogonal matrix. Hidden weights only:
+    embeddings, head and scalars go to AdamW. Same-shape weights are stacked so one batched Newton–Schulz call
+    serves them all. Every rank computes every update (gradients are already averaged by DDP): simple, and
+    free on one GPU."""
 
     def __init__(self, params, lr=0.05, momentum=0.95, nesterov=True, ns_steps=5):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
@@ -125,60 +143,80 @@ class Muon(torch.optim.Optimizer):
 
 
 # ---- model ----
-EOT = 50256  # <|endoftext|>: every document starts with it (the shard format), so it marks document boundaries
+EOT = 50256  # <|endoftext|>: every document starts with it (the shard format)
 BLOCK = 128  # FlexAttention's block size; attention windows come in whole blocks
 
 
 @dataclass
-class GPTConfig:
+class IdeaFlags:
+    """An idea script's own flags, declared once: GPTConfig and Hyperparameters both inherit these fields, so
+    each is a --name=value flag and a model setting. Here MTP's (DeepSeek-V3 section 2.2)."""
+    mtp_depth: int = 1  # MTP depths: depth d also predicts token t+1+d (DeepSeek-V3: 1); 0 = none (inference)
+    mtp_weight: float = 0.3  # weight of the mean MTP loss at the start (DeepSeek-V3: 0.3, later 0.1)
+    mtp_weight_schedule: str = "linear"  # constant, linear or cosine: the weight's decay to 0 at zero_at
+    mtp_weight_zero_at: float = 1.0  # run progress (0..1) at which a decaying MTP weight reaches 0
+
+    def check(self):
+        """Stop with a one-line error naming the first bad flag, its value and what is allowed (the shared
+        flags' limits are LIMITS, in the harness). Runs for the flags given and for a checkpoint's saved
+        config."""
+        if self.mtp_depth < 0:
+            raise SystemExit(f"error: --mtp_depth={self.mtp_depth}: expected an integer >= 0 (0: no MTP)")
+        if self.mtp_weight_schedule not in ("constant", "linear", "cosine"):
+            raise SystemExit(f"error: --mtp_weight_schedule={self.mtp_weight_schedule}: expected constant, "
+                             "linear or cosine")
+        if not 0 < self.mtp_weight_zero_at < math.inf:
+            raise SystemExit(f"error: --mtp_weight_zero_at={self.mtp_weight_zero_at}: expected a run "
+                             "progress > 0")
+
+
+@dataclass
+class GPTConfig(IdeaFlags):
     vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128 for fast matmuls (nanoGPT)
     seq_len: int = 16384  # the longest stream it trains on (sample.py's context); sdpa: the causal row length
     n_layer: int = 12
     n_head: int = 6  # head_dim 128 (modded-nanogpt 2024-10-14)
     n_embd: int = 768
-    logit_softcap: float = 15.0  # logits = cap * tanh(logits / cap) (Gemma 2; 30 -> 15 in the 2025-01-04 record)
-    value_embeds: int = 3  # value-embedding tables: the first and the last this many layers (2024-12-04, 2025-01-04)
-    window_blocks: tuple = (3, 7, 11)  # long attention window per equal stage of training, in blocks (2025-11-29)
+    logit_softcap: float = 15.0  # logits = cap * tanh(logits / cap) (Gemma 2; 30 -> 15 in the 2025-01-04 run)
+    value_embeds: int = 3  # value-embedding tables for the first and the last this many layers (2024-12-04)
+    window_blocks: tuple = (3, 7, 11)  # long attention window per stage of training, in blocks (2025-11-29)
     attention: str = "flex"  # flex: document-masked windowed attention over packed streams; sdpa: causal rows
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
-    mtp_depth: int = 1  # MTP modules: depth d predicts token t+1+d (DeepSeek-V3 section 2.2); 0 = none (inference)
-    mtp_weight: float = 0.3  # the MTP loss weight at the start of the run (lambda; DeepSeek-V3: 0.3, later 0.1)
-    mtp_weight_schedule: str = "linear"  # how the weight decays over the run: see mtp_weight_factor
-    mtp_weight_zero_at: float = 1.0  # run progress at which a decaying weight reaches 0
+
+    def __post_init__(self):
+        self.check()
+        if self.mtp_depth >= self.seq_len:  # depth d needs token i + d + 1 inside the stream
+            raise SystemExit(f"error: --mtp_depth={self.mtp_depth}: expected mtp_depth < {self.seq_len}, the "
+                             "stream length (--device_batch_tokens; --seq_len with --attention=sdpa)")
 
     @classmethod
     def from_args(cls, args):
-        if args.mtp_weight_schedule not in ("constant", "linear", "cosine") or args.mtp_weight_zero_at <= 0:
-            raise SystemExit(f"error: --mtp_weight_schedule={args.mtp_weight_schedule} --mtp_weight_zero_at="
-                             f"{args.mtp_weight_zero_at}: expected constant, linear or cosine, and a progress > 0")
-        config = cls(vocab_size=args.vocab_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                     seq_len=args.seq_len if args.attention == "sdpa" or args.device_batch_tokens == "auto"
-                     else args.device_batch_tokens,
-                     logit_softcap=args.logit_softcap, value_embeds=args.value_embeds,
-                     window_blocks=tuple(int(w) for w in args.window_blocks.split(",")), attention=args.attention,
-                     activation_checkpointing=args.activation_checkpointing, mtp_depth=args.mtp_depth,
-                     mtp_weight=args.mtp_weight, mtp_weight_schedule=args.mtp_weight_schedule,
-                     mtp_weight_zero_at=args.mtp_weight_zero_at)
-        if not 0 <= config.mtp_depth < config.seq_len:  # depth d needs token i + d + 1 inside the stream
-            raise SystemExit(f"error: --mtp_depth={args.mtp_depth}: expected 0 <= mtp_depth < {config.seq_len}, the "
-                             "stream length (--device_batch_tokens; --seq_len with --attention=sdpa)")
-        return config
+        """The model's settings from the run's flags: every field of the same name, an idea's included. A
+        stream is a micro-batch long on FlexAttention (until --device_batch_tokens=auto is probed: --seq_len)
+        and a --seq_len row on SDPA."""
+        settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name in vars(args)}
+        streams = args.attention == "flex" and args.device_batch_tokens != "auto"
+        settings.update(seq_len=args.device_batch_tokens if streams else args.seq_len,
+                        window_blocks=tuple(int(w) for w in args.window_blocks.split(",")))
+        return cls(**settings)
 
 
 def training_flops_per_token(config):
-    """(main model, MTP modules) training FLOPs per token: 6 per weight that multiplies (forward + backward, Kaplan
-    et al. 2020) plus 12 * width * keys per attention layer (PaLM, Chowdhery et al. 2022, app. B), the keys counted
-    as a causal row of the last stage's long window, as tests/test_model.py counts the baseline."""
+    """(main model, MTP modules) training FLOPs per token: 6 per weight that multiplies (forward + backward,
+    Kaplan et al. 2020) plus 12 * width * keys per attention layer (PaLM, Chowdhery et al. 2022, app. B), the
+    keys counted as a causal row of the last stage's long window, as tests/test_model.py counts the baseline.
+    """
     C, V, keys = config.n_embd, config.vocab_size, config.window_blocks[-1] * BLOCK
-    block = 6 * 12 * C * C + 12 * C * keys  # q, k, v, proj (4 C^2) and the 4x MLP (8 C^2), then attention itself
+    # q, k, v, proj (4 C^2) and the 4x MLP (8 C^2), then attention itself
+    block = 6 * 12 * C * C + 12 * C * keys
     head = 6 * V * C  # the (shared) output head: each depth pays for its own logits
     return config.n_layer * block + head, config.mtp_depth * (6 * 2 * C * C + block + head)
 
 
 def mtp_weight_factor(schedule, progress, zero_at):
-    """The multiplier of --mtp_weight at this run progress in [0, 1]: 1 throughout (constant), or decaying from 1 at
-    the start to 0 at progress zero_at (linear, or cosine: slow at first), then 0. The extra signal helps most early;
-    late in the run the MTP loss competes with the next-token loss the target measures."""
+    """The multiplier of --mtp_weight at this run progress in [0, 1]: 1 throughout (constant), or decaying
+    from 1 at the start to 0 at progress zero_at (linear, or cosine: slow at first), then 0. The extra signal
+    helps most early; late in the run the MTP loss competes with the next-token loss the target measures."""
     left = max(0.0, 1.0 - progress / zero_at)  # the part of the decay still ahead
     return {"constant": 1.0, "linear": left, "cosine": 0.5 - 0.5 * math.cos(math.pi * left)}[schedule]
 
@@ -189,19 +227,20 @@ def norm(x):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (Su et al. 2021, RoFormer), half-truncated (modded-nanogpt 2024-12-17): half of the
-    channel pairs turn at frequencies from 1 down to 1/1024 per token, the other half not at all, so part of each head
-    matches on content alone, at any distance."""
+    """Rotary position embedding (Su et al. 2021, RoFormer), half-truncated (modded-nanogpt 2024-12-17): half
+    of the channel pairs turn at frequencies from 1 down to 1/1024 per token, the other half not at all, so
+    part of each head matches on content alone, at any distance."""
 
     def __init__(self, head_dim):
         super().__init__()
         inv_freq = (1 / 1024) ** torch.linspace(0, 1, head_dim // 4)
-        self.register_buffer("inv_freq", torch.cat((inv_freq, inv_freq.new_zeros(head_dim // 2 - head_dim // 4))),
-                             persistent=False)
+        still = inv_freq.new_zeros(head_dim // 2 - head_dim // 4)
+        self.register_buffer("inv_freq", torch.cat((inv_freq, still)), persistent=False)
 
     def forward(self, x, pos=0):  # x: (B, T, heads, head_dim); pos: position of x's first token
         # angles computed per call (cheap, fused by compile): no table to size for the longest stream
-        angles = torch.outer(torch.arange(pos, pos + x.size(1), device=x.device, dtype=torch.float32), self.inv_freq)
+        positions = torch.arange(pos, pos + x.size(1), device=x.device, dtype=torch.float32)
+        angles = torch.outer(positions, self.inv_freq)
         cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
@@ -209,9 +248,9 @@ class Rotary(nn.Module):
 
 def document_mask(docs, window, past=0, build=create_block_mask):
     """Which keys each query may see: not later, in the same document, and fewer than `window` tokens back.
-    docs (B, S): every token's document number; the queries are the last S - past tokens. A FlexAttention block mask
-    on GPU (and on CPU without gradients; FlexAttention has no CPU backward), else a dense (B, 1, T, S) mask.
-    build: create_block_mask, or its compiled version (GPT.compile_regions)."""
+    docs (B, S): every token's document number; the queries are the last S - past tokens. A FlexAttention
+    block mask on GPU (and on CPU without gradients; FlexAttention has no CPU backward), else a dense (B, 1,
+    T, S) mask. build: create_block_mask, or its compiled version (GPT.compile_regions)."""
     if past == 0 and (docs.is_cuda or not torch.is_grad_enabled()):
         def mask_mod(b, h, q, kv):
             return (q >= kv) & (docs[b, q] == docs[b, kv]) & (q - kv < window)
@@ -223,8 +262,8 @@ def document_mask(docs, window, past=0, build=create_block_mask):
 
 
 def attend(q, k, v, mask):
-    """softmax(q k^T / sqrt(d)) v over the keys `mask` allows: a BlockMask (FlexAttention), a boolean tensor, or
-    None for plain causal attention (--attention=sdpa: flash kernels)."""
+    """softmax(q k^T / sqrt(d)) v over the keys `mask` allows: a BlockMask (FlexAttention), a boolean tensor,
+    or None for plain causal attention (--attention=sdpa: flash kernels)."""
     if isinstance(mask, BlockMask):
         return flex_attention(q, k, v, block_mask=mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
@@ -240,16 +279,16 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        nn.init.zeros_(self.c_proj.weight)  # zero-init output projection: each block starts as identity (modded-nanogpt)
+        nn.init.zeros_(self.c_proj.weight)  # zero-init output projection: each block starts as identity
         self.rotary = Rotary(self.head_dim)
         # v = l0 * v + l1 * value embedding (2024-12-04 record, learned scalars as in 2024-12-08)
         self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))
 
-    def forward(self, x, ve, mask, cache=None):  # cache: this layer's past keys/values, for decoding (sample.py)
+    def forward(self, x, ve, mask, cache=None):  # cache: this layer's past keys/values (decoding)
         B, T, C = x.shape
         q, k, v = (lin(x).view(B, T, self.n_head, self.head_dim) for lin in (self.c_q, self.c_k, self.c_v))
         v = self.lambdas[0] * v + (self.lambdas[1] * ve.view_as(v) if ve is not None else 0)
-        q, k = norm(q), norm(k)  # QK-norm (Dehghani et al. 2023, ViT-22B): bounded attention logits at high LR
+        q, k = norm(q), norm(k)  # QK-norm (Dehghani et al. 2023): bounded attention logits at high LR
         pos = cache["k"].size(2) if cache else 0
         q, k = self.rotary(q, pos), self.rotary(k, pos)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
@@ -282,35 +321,45 @@ class Block(nn.Module):
         self.long_window = min(layer, config.n_layer - 1 - layer) % 4 == 0
 
     def forward(self, x, x0, ve, mask, cache=None):  # pre-norm residual block (GPT-2), x0: the embedding
-        # mask: this block's own (long or short window), so a compiled block does not depend on which one it is
+        # mask: this block's own (long or short window): a compiled block need not know which it is
         x = self.lambdas[0] * x + self.lambdas[1] * x0
         x = x + self.attn(norm(x), ve, mask, cache)
         return x + self.mlp(norm(x))
 
 
 class MTPModule(nn.Module):
-    """One MTP depth d (DeepSeek-V3 section 2.2): h'_i = Block(M [h_i; norm(emb(token i+d))]), h_i being depth d-1's
-    state at position i (the main model's for d = 1). It has no embedding or head of its own: both are shared."""
+    """One MTP depth d (DeepSeek-V3 section 2.2): h'_i = Block(M [h_i; norm(emb(token i+d))]), h_i being depth
+    d-1's state at position i (the main model's for d = 1). It has no embedding or head of its own: both are
+    shared."""
 
     def __init__(self, config):
         super().__init__()
-        self.proj = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)  # M: a hidden matrix, so Muon trains it
+        # M: a hidden matrix, so Muon trains it
+        self.proj = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)
         self.block = Block(config, config.n_layer - 1)  # one more last layer, so the long window
 
     def forward(self, h, emb, masks):  # h is already RMS-normed: GPT.hidden and every depth end with norm
-        # emb, token i+d's normed embedding, is also the block's x0: the trunk's x0 at a position is the embedding of
-        # the token it reads, here token i+d. No value embedding: the tables belong to the trunk's first and last
-        # layers, and token i+d's identity already enters twice (DeepSeek-V3 shares only the embedding and head).
-        return norm(self.block(self.proj(torch.cat((h, emb), dim=-1)), emb, None, masks[self.block.long_window]))
+        # emb, token i+d's normed embedding, is also the block's x0: the trunk's x0 at a position is the
+        # embedding of the token it reads, here token i+d. No value embedding: the tables belong to the
+        # trunk's first and last layers, and token i+d's identity already enters twice (DeepSeek-V3 shares
+        # only the embedding and head).
+        x = self.proj(torch.cat((h, emb), dim=-1))
+        return norm(self.block(x, emb, None, masks[self.block.long_window]))
 
 
 class GPT(nn.Module):
+    # what an idea may change (tests read them): a mixer that sees across documents on purpose (AFNO) says so,
+    # and test_causality.py allows an FFT's rounding
+    crosses_documents = False
+    causality_tolerance = 0.0
+
     def __init__(self, config):
         super().__init__()
         self.config = config
         L = config.n_layer
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        # value embeddings: layer i < n and layer L - n + i add table i to their values (2024-12-04, 2025-01-04)
+        # value embeddings: layer i < n and layer L - n + i add table i to their values (2024-12-04,
+        # 2025-01-04)
         n = min(config.value_embeds, L // 2)
         self.value_embeds = nn.ModuleList([nn.Embedding(config.vocab_size, config.n_embd) for _ in range(n)])
         self.ve_table = [i if i < n else i - (L - n) if i >= L - n else None for i in range(L)]
@@ -320,25 +369,30 @@ class GPT(nn.Module):
         # untied from wte: input and output embeddings want different geometry and LRs (modded-nanogpt)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         nn.init.zeros_(self.lm_head.weight)  # zero-init head: the first loss is exactly ln(vocab_size)
-        # the long and short attention windows in tokens, set in place by schedule() so compiled graphs never change,
-        # from a table of every stage's on the same device (a copy from the CPU would wait for the GPU every step)
+        # the long and short attention windows in tokens, set in place by schedule() so compiled graphs never
+        # change, from a table of every stage's on the same device (a copy from the CPU would wait for the GPU
+        # every step)
         stages = range(len(config.window_blocks))
-        self.register_buffer("window_table", torch.stack([self.stage_windows(s) for s in stages]), persistent=False)
+        table = torch.stack([self.stage_windows(s) for s in stages])
+        self.register_buffer("window_table", table, persistent=False)
         self.register_buffer("windows", self.windows_at(0.0), persistent=False)
-        # evaluation's and decoding's: a buffer too, since a tensor made inside a compiled forward breaks Inductor's
-        # FlexAttention mask code on CUDA (torch 2.11: "XBLOCK is not defined", found by the GPU check)
+        # evaluation's and decoding's: a buffer too, since a tensor made inside a compiled forward breaks
+        # Inductor's FlexAttention mask code on CUDA (torch 2.11: "XBLOCK is not defined", found by the GPU
+        # check)
         self.register_buffer("final_windows", self.windows_at(1.0), persistent=False)
         self.build_block_mask = create_block_mask  # compile_regions() compiles it
         # built after the main model, so the main weights start as the baseline's with the same seed
         self.mtp = nn.ModuleList([MTPModule(config) for _ in range(config.mtp_depth)])
-        # the current MTP loss weight, set by schedule() in place: a tensor, so torch.compile never recompiles for it
+        # the current MTP loss weight, set by schedule() in place: a tensor, so torch.compile never recompiles
+        # for it
         self.register_buffer("mtp_weight", torch.tensor(float(config.mtp_weight)))
 
     def window_stage(self, progress):
         return min(int(progress * len(self.config.window_blocks)), len(self.config.window_blocks) - 1)
 
     def stage_windows(self, stage):
-        """(long, short) windows in tokens in this stage of training: its long window, and half that (at least one)."""
+        """(long, short) windows in tokens in this stage of training: its long window, and half that (at least
+        one)."""
         long = self.config.window_blocks[stage]
         return torch.tensor([long * BLOCK, max(1, long // 2) * BLOCK])
 
@@ -349,13 +403,15 @@ class GPT(nn.Module):
         """Called by the training loop before every optimizer step with the run's progress in [0, 1]."""
         self.windows.copy_(self.window_table[self.window_stage(progress)])
         c = self.config  # and the MTP weight for this point of the run
-        self.mtp_weight.fill_(c.mtp_weight * mtp_weight_factor(c.mtp_weight_schedule, progress, c.mtp_weight_zero_at))
+        factor = mtp_weight_factor(c.mtp_weight_schedule, progress, c.mtp_weight_zero_at)
+        self.mtp_weight.fill_(c.mtp_weight * factor)
 
     def compile_regions(self, **options):
-        """Regional compilation (PyTorch's recipe): each block is compiled on its own and blocks of one kind share the
-        compiled code (value embeddings or not; training or evaluation), so compiling costs a few blocks, not a graph
-        of every block unrolled. The head's loss and the block masks are compiled too; the embedding lookups and the
-        U-net skips between the blocks run eagerly (a few elementwise ops). fullgraph: a graph break is an error."""
+        """Regional compilation (PyTorch's recipe): each block is compiled on its own and blocks of one kind
+        share the compiled code (value embeddings or not; training or evaluation), so compiling costs a few
+        blocks, not a graph of every block unrolled. The head's loss and the block masks are compiled too; the
+        embedding lookups and the U-net skips between the blocks run eagerly (a few elementwise ops).
+        fullgraph: a graph break is an error."""
         for block in [m for m in self.modules() if isinstance(m, Block)]:
             block.compile(fullgraph=True, **options)
         self.__dict__.pop("head_loss", None)  # an earlier call's compiled version (the micro-batch probe's)
@@ -363,9 +419,9 @@ class GPT(nn.Module):
         self.build_block_mask = torch.compile(create_block_mask, fullgraph=True, **options)
 
     def masks(self, idx, past_docs=None):
-        """({long window?: mask}, document numbers) for idx (B, T), whose documents begin at each EOT (past_docs:
-        those of the tokens before it, when decoding). Training uses the scheduled windows; evaluation and decoding
-        the last stage's, the longest."""
+        """({long window?: mask}, document numbers) for idx (B, T), whose documents begin at each EOT
+        (past_docs: those of the tokens before it, when decoding). Training uses the scheduled windows;
+        evaluation and decoding the last stage's, the longest."""
         if self.config.attention == "sdpa":
             return {True: None, False: None}, None
         past = 0 if past_docs is None else past_docs.size(1)
@@ -374,7 +430,8 @@ class GPT(nn.Module):
             docs = torch.cat((past_docs, past_docs[:, -1:] + docs), dim=1)
         windows = self.windows if self.training else self.final_windows
         used = {block.long_window for block in self.blocks}
-        masks = {long: document_mask(docs, windows[0 if long else 1], past, self.build_block_mask) for long in used}
+        masks = {long: document_mask(docs, windows[0 if long else 1], past, self.build_block_mask)
+                 for long in used}
         return masks, docs
 
     def hidden(self, idx, masks, caches=None, x0=None):
@@ -406,11 +463,12 @@ class GPT(nn.Module):
         return linear_softcap_cross_entropy(x, self.lm_head.weight, targets, self.config.logit_softcap)
 
     def mtp_hidden(self, x, x0, masks):
-        """Depth d's states (B, T, C): index i joins depth d-1's state at i and the embedding of token i + d, predicts
-        token i + d + 1 and sees tokens <= i + d only. x: the main model's states; x0: its normed embeddings. Each
-        depth runs on the trunk's T positions with the trunk's masks: index i carries position i's state, so it
-        attends within position i's document and window. The last d indices have no token i + d (zeros instead)
-        and no target: callers drop them; causal attention keeps them from every other index."""
+        """Depth d's states (B, T, C): index i joins depth d-1's state at i and the embedding of token i + d,
+        predicts token i + d + 1 and sees tokens <= i + d only. x: the main model's states; x0: its normed
+        embeddings. Each depth runs on the trunk's T positions with the trunk's masks: index i carries
+        position i's state, so it attends within position i's document and window. The last d indices have no
+        token i + d (zeros instead) and no target: callers drop them; causal attention keeps them from every
+        other index."""
         states = []
         for d, module in enumerate(self.mtp, 1):
             inputs = (x, F.pad(x0[:, d:], (0, 0, 0, d)), masks)
@@ -422,10 +480,10 @@ class GPT(nn.Module):
         return states
 
     def forward(self, idx, targets=None):
-        """idx (B, T) token streams -> logits (B, T, vocab) of the main head (MTP never runs); with targets (B, T) the
-        mean loss instead: in training mode next-token loss + mtp_weight * mean MTP loss, in eval mode (validation)
-        the next-token loss alone, comparable with every other script."""
-        if self.config.attention == "sdpa" and idx.size(1) > self.config.seq_len:  # rows of seq_len, each causal
+        """idx (B, T) token streams -> logits (B, T, vocab) of the main head (MTP never runs); with targets
+        (B, T) the mean loss instead: in training mode next-token loss + mtp_weight * mean MTP loss, in eval
+        mode (validation) the next-token loss alone, comparable with every other script."""
+        if self.config.attention == "sdpa" and idx.size(1) > self.config.seq_len:  # causal rows
             idx = idx.reshape(-1, self.config.seq_len)
             targets = targets.reshape(-1, self.config.seq_len) if targets is not None else None
         masks = self.masks(idx)[0]
@@ -436,32 +494,26 @@ class GPT(nn.Module):
         loss = self.head_loss(x, targets)
         if not self.training or not self.mtp:
             return loss
-        # depth d at index i predicts token i + d + 1 = targets[:, i + d], across document ends too: at a document's
-        # last d indices depth d predicts the next document's first tokens, as the next-token loss predicts its EOT.
-        # Those last d indices have no target (-1, ignored): each depth's loss is the mean over its T - d, with the
-        # trunk's shapes, so one compiled head loss serves every depth
+        # depth d at index i predicts token i + d + 1 = targets[:, i + d], across document ends too: at a
+        # document's last d indices depth d predicts the next document's first tokens, as the next-token loss
+        # predicts its EOT. Those last d indices have no target (-1, ignored): each depth's loss is the mean
+        # over its T - d, with the trunk's shapes, so one compiled head loss serves every depth
         aux = [self.head_loss(h, F.pad(targets[:, d:], (0, d), value=-1))
                for d, h in enumerate(self.mtp_hidden(x, x0, masks), 1)]
         return loss + self.mtp_weight * torch.stack(aux).mean()
 
-    def describe(self):  # the training loop logs this at start-up
-        main, extra = training_flops_per_token(self.config)
-        return (f"MTP: depth {self.config.mtp_depth} adds {extra / 1e9:.3g} GFLOPs per token "
-                f"(+{100 * extra / main:.1f}% over the main model's {main / 1e9:.3g}; forward + backward, 6 per weight "
-                "+ attention)")
-
     def load_state_dict(self, state_dict, *args, **kwargs):
-        """A model built with mtp_depth=0 (inference: sample.py) loads an MTP checkpoint by dropping its `mtp.*`
-        weights; every other key must match as usual."""
+        """A model built with mtp_depth=0 (inference: sample.py) loads an MTP checkpoint by dropping its
+        `mtp.*` weights; every other key must match as usual."""
         if not self.mtp:
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith("mtp.")}
         return super().load_state_dict(state_dict, *args, **kwargs)
 
     @torch.no_grad()
     def forward_cached(self, idx, cache=None):
-        """Decode with a KV cache: idx (B, T) continues the tokens held in cache (None starts one), with the same
-        document masking and the last stage's windows. Returns (logits of the new tokens, cache); positions must
-        stay below config.seq_len."""
+        """Decode with a KV cache: idx (B, T) continues the tokens held in cache (None starts one), with the
+        same document masking and the last stage's windows. Returns (logits of the new tokens, cache);
+        positions must stay below config.seq_len."""
         cache = cache or dict(docs=None, layers=[{} for _ in self.blocks])
         if self.config.attention == "sdpa":
             S = idx.size(1) + (cache["layers"][0]["k"].size(2) if cache["layers"][0] else 0)
@@ -482,10 +534,28 @@ class GPT(nn.Module):
             outputs[f"mtp{d}_logits"] = (self.logits(h[:, :-d]), d)  # index i is position i; T - d of them
         return outputs
 
+    def describe(self):
+        """A line about the idea for the run log at start-up (its extra FLOPs, its cache size); "": none."""
+        main, extra = training_flops_per_token(self.config)
+        return (f"MTP: depth {self.config.mtp_depth} adds {extra / 1e9:.3g} GFLOPs per token "
+                f"(+{100 * extra / main:.1f}% over the main model's {main / 1e9:.3g}; forward + backward, "
+                "6 per weight "
+                "+ attention)")
+
+    def log_stats(self):
+        """{name: 0-d tensor} measured by the step just taken, for its step line (MoE's expert load)."""
+        return {}
+
+    def num_active_params(self):
+        """Parameters one token uses (bench.py): all but the embedding tables, which are looked up."""
+        tables = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
+        return sum(p.numel() for p in self.parameters()) - tables
+
 
 # ---- data ----
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256  # llm.c / modded-nanogpt token shard format
-SHARD_FIX = "re-download it (python data/fineweb.py) or re-tokenize it (python data/fineweb.py --from-text ...)"
+SHARD_FIX = ("re-download it (python data/fineweb.py) or re-tokenize it "
+             "(python data/fineweb.py --from-text ...)")
 
 
 def read_shard(path, vocab_size=None):
@@ -494,14 +564,16 @@ def read_shard(path, vocab_size=None):
     size = os.path.getsize(path)
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header.size < HEADER_INTS:
-        raise SystemExit(f"error: {path}: {size} bytes is shorter than the {HEADER_INTS * 4}-byte header; {SHARD_FIX}")
+        raise SystemExit(f"error: {path}: {size} bytes is shorter than the {HEADER_INTS * 4}-byte header; "
+                         f"{SHARD_FIX}")
     if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
         raise SystemExit(f"error: {path}: header magic/version {header[0]}/{header[1]}, expected "
                          f"{SHARD_MAGIC}/{SHARD_VERSION}: not a GPT-2 token shard; {SHARD_FIX}")
     n_tokens = int(header[2])
     if size != HEADER_INTS * 4 + 2 * n_tokens:
-        raise SystemExit(f"error: {path}: header says {n_tokens} tokens ({HEADER_INTS * 4 + 2 * n_tokens} bytes) "
-                         f"but the file has {size} bytes (truncated?); {SHARD_FIX}")
+        expected = HEADER_INTS * 4 + 2 * n_tokens
+        raise SystemExit(f"error: {path}: header says {n_tokens} tokens ({expected} bytes) but the file has "
+                         f"{size} bytes (truncated?); {SHARD_FIX}")
     tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n_tokens,))
     if vocab_size is not None:
         check_token_ids(tokens, vocab_size, path)
@@ -511,8 +583,8 @@ def read_shard(path, vocab_size=None):
 def check_token_ids(tokens, vocab_size, path):
     top = int(tokens.max()) if len(tokens) else -1
     if top >= vocab_size:  # would be an IndexError deep in the embedding, long after start-up
-        raise SystemExit(f"error: {path}: token id {top} >= --vocab_size={vocab_size}; the shard holds another "
-                         f"tokenizer's ids or is corrupt: {SHARD_FIX}, or raise --vocab_size")
+        raise SystemExit(f"error: {path}: token id {top} >= --vocab_size={vocab_size}; the shard holds "
+                         f"another tokenizer's ids or is corrupt: {SHARD_FIX}, or raise --vocab_size")
 
 
 def find_shards(pattern, flag):
@@ -521,9 +593,11 @@ def find_shards(pattern, flag):
     if not files and not os.path.isabs(pattern):
         files = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), pattern)))
     if not files:
-        raise SystemExit(f"error: no files match --{flag}={pattern}\n  FineWeb: python data/fineweb.py --shards 8 "
-                         "(the val shard and 8 x 100M train tokens into data/fineweb10B/)\n  your own text: python "
-                         "data/fineweb.py --from-text FILE... --out DIR, then --train_files/--val_files=DIR/...\n"
+        raise SystemExit(f"error: no files match --{flag}={pattern}\n"
+                         "  FineWeb: python data/fineweb.py --shards 8 (the val shard and 8 x 100M train "
+                         "tokens into data/fineweb10B/)\n"
+                         "  your own text: python data/fineweb.py --from-text FILE... --out DIR, then "
+                         "--train_files/--val_files=DIR/...\n"
                          "  or try the bundled sample: python train_gpt2.py --preset=tiny")
     return files
 
@@ -534,16 +608,17 @@ def check_train_is_not_val(train_pattern, val_pattern):
     shared = sorted(real(train_pattern, "train_files") & real(val_pattern, "val_files"))
     if shared:
         raise SystemExit(f"error: --train_files={train_pattern} and --val_files={val_pattern} both match "
-                         f"{shared[0]}{f' (and {len(shared) - 1} more)' if len(shared) > 1 else ''}: training on "
+                         f"{shared[0]}{f' (and {len(shared) - 1} more)' if len(shared) > 1 else ''}: "
+                         "training on "
                          "validation data; point the two flags at different shards")
 
 
 class DistributedDataLoader:
-    """Micro-batches as packed token streams: the shards' documents in order, each cut to its first doc_cap tokens
-    (2025-09-03 record; 0: uncut), one after another. A micro-step takes the next world * T tokens of that stream
-    (+1 for the last target) and rank r the r-th slice of T, so a step's data is the same for any split into ranks x
-    accumulation steps. The position (shard, document, offset) is saved in checkpoints. Each shard's token ids are
-    checked against vocab_size when it is opened."""
+    """Micro-batches as packed token streams: the shards' documents in order, each cut to its first doc_cap
+    tokens (2025-09-03 record; 0: uncut), one after another. A micro-step takes the next world * T tokens of
+    that stream (+1 for the last target) and rank r the r-th slice of T, so a step's data is the same for any
+    split into ranks x accumulation steps. The position (shard, document, offset) is saved in checkpoints.
+    Each shard's token ids are checked against vocab_size when it is opened."""
 
     def __init__(self, pattern, T, rank, world, device, vocab_size=None, doc_cap=0):
         self.files = find_shards(pattern, "train_files")
@@ -564,7 +639,8 @@ class DistributedDataLoader:
             if len(starts) == 0 or starts[0] != 0:  # a shard may begin inside a document
                 starts = np.concatenate(([0], starts))
             ends = np.append(starts[1:], len(self.tokens))
-            self.spans = np.stack((starts, np.minimum(ends, starts + self.doc_cap) if self.doc_cap else ends), 1)
+            cut = np.minimum(ends, starts + self.doc_cap) if self.doc_cap else ends
+            self.spans = np.stack((starts, cut), 1)
         self.shard, self.doc, self.offset = state["shard"], state["doc"], state["offset"]
 
     def read(self, n):
@@ -605,17 +681,20 @@ def load_val_tokens(pattern, n_tokens, vocab_size=None):
         have += len(parts[-1])
         if have == n_tokens + 1:
             return np.concatenate(parts).astype(np.int64)
-    raise SystemExit(f"error: the validation shards {pattern} hold {have} tokens, fewer than --val_tokens={n_tokens} "
-                     f"+ 1; lower --val_tokens or add validation data (the benchmark rules need 1048576)")
+    raise SystemExit(f"error: the validation shards {pattern} hold {have} tokens, fewer than "
+                     f"--val_tokens={n_tokens} + 1; lower --val_tokens or add validation data (the benchmark "
+                     "rules need 1048576)")
 
 
 # ---- hyperparameters ----
 @dataclass
-class Hyperparameters:
+class Hyperparameters(IdeaFlags):
+    """Every flag: --name=value sets the field of that name (python train_gpt2.py --help lists them), after
+    the preset's settings. An idea's own flags come from IdeaFlags, in the model section."""
     preset: str = "gpt2_124m"  # named settings applied before the other flags (PRESETS below)
     # data
     train_files: str = "data/fineweb10B/fineweb_train_*.bin"  # glob of training shards
-    val_files: str = "data/fineweb10B/fineweb_val_*.bin"  # glob of validation shards; the first val_tokens are used
+    val_files: str = "data/fineweb10B/fineweb_val_*.bin"  # glob of validation shards; their first val_tokens
     # model
     vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128
     n_layer: int = 12  # transformer blocks
@@ -624,20 +703,20 @@ class Hyperparameters:
     logit_softcap: float = 15.0  # logits = cap * tanh(logits / cap) (2025-01-04 record)
     value_embeds: int = 3  # value-embedding tables, for the first and the last this many layers (2024-12-04)
     attention: str = "flex"  # flex: packed streams, document masks, sliding windows; sdpa: plain causal rows
-    seq_len: int = 1024  # --attention=sdpa only: tokens per causal row (flex streams are device_batch_tokens long)
-    window_blocks: str = "3,7,11"  # long attention window per equal stage of training, in 128-token blocks (2025-11-29)
+    seq_len: int = 1024  # --attention=sdpa only: tokens per causal row (flex: streams of device_batch_tokens)
+    window_blocks: str = "3,7,11"  # long attention window per stage of training, in 128-token blocks
     doc_cap: int = 2048  # training documents are cut to their first this many tokens (2025-09-03; 0: uncut)
     # optimisation
     num_iterations: int = 2160  # optimizer steps (the LR, batch and window schedules are laid out over them)
-    batch_tokens: int = 393216  # tokens per optimizer step over all ranks, in the last batch stage (2025-01-26)
-    batch_stages: int = 3  # stage s of these equal parts trains on s/batch_stages of batch_tokens (2025-11-29)
+    batch_tokens: int = 393216  # tokens per step over all ranks, in the last batch stage (2025-01-26)
+    batch_stages: int = 3  # stage s of these parts trains on s/batch_stages of batch_tokens (2025-11-29)
     device_batch_tokens: int | str = 16384  # tokens per micro-step per rank (one packed stream), or auto
     warmup_steps: int = 0  # linear LR warm-up steps
-    cooldown_frac: float = 0.45  # the last fraction of the steps decays the LR linearly to lr_floor (2025-09-03)
+    cooldown_frac: float = 0.45  # the last fraction of the steps: LR decays linearly to lr_floor (2025-09-03)
     lr_floor: float = 0.1  # the LR multiplier the cool-down ends at (2025-01-26 record)
     muon_lr: float = 0.05  # hidden matrices
     muon_momentum: float = 0.95  # Muon's Nesterov momentum after the warm-up
-    muon_momentum_warmup_steps: int = 300  # momentum rises linearly from 0.85 over these steps (modded-nanogpt)
+    muon_momentum_warmup_steps: int = 300  # momentum rises linearly from 0.85 over these steps
     embed_lr: float = 0.6  # AdamW: input embedding
     head_lr: float = 0.008  # AdamW: output head
     scalar_lr: float = 0.04  # AdamW: vectors and scalars, if the model has any
@@ -646,30 +725,29 @@ class Hyperparameters:
     weight_decay: float = 0.0  # AdamW weight decay
     # evaluation
     val_every: int = 125  # validate every this many steps (0: only at the end)
-    val_tokens: int = 1048576  # validation tokens: the benchmark rules fix this number (0: none, for benchmarks)
+    val_tokens: int = 1048576  # validation tokens, fixed by the benchmark rules (0: none, for benchmarks)
     target_val_loss: float = 3.3821  # the run has reached the target when val_loss <= this
     stop_at_target: bool = False  # stop at the first validation that reaches the target
-    time_budget_s: float = 0.0  # end after this much training time, LR cooled down by then (0: off; for races)
+    time_budget_s: float = 0.0  # end after this training time, LR cooled down by then (0: off; for races)
     # system
     compile: int | str = "auto"  # torch.compile the model's blocks: 1, 0, or auto (on for CUDA, off for CPU)
     compile_cache: str = ""  # a folder: load compiled code from it before compiling, save it there after
-    dtype: str = "auto"  # autocast: bf16, fp16 (with a GradScaler), fp32, or auto (bf16/fp16 on CUDA, fp32 on CPU)
+    dtype: str = "auto"  # autocast: bf16, fp16 (+ GradScaler), fp32, or auto (bf16/fp16 on CUDA, fp32 on CPU)
     activation_checkpointing: bool = False  # recompute each block in the backward pass to save memory
     kernels: bool = False  # Triton kernels/ on CUDA (opt-in until measured on a GPU; same math as without)
     seed: int = 0  # weight initialisation (the data order is fixed by the shards)
     log_dir: str = "logs"  # logs/<run_id>.txt and checkpoints in logs/<run_id>/
     save_every: int = 0  # checkpoint every this many steps and at the end (0: never)
     resume: str = ""  # checkpoint to continue from; its settings apply unless given as flags
-    # idea: this script's own fields follow (the scripts-in-sync test ignores them)
-    mtp_depth: int = 1  # multi-token prediction: depth d also predicts token t+1+d (DeepSeek-V3); 0 = off
-    mtp_weight: float = 0.3  # weight of the mean MTP loss at the start of the run (DeepSeek-V3: 0.3)
-    mtp_weight_schedule: str = "linear"  # constant, linear or cosine: how the weight decays to 0 at mtp_weight_zero_at
-    mtp_weight_zero_at: float = 1.0  # run progress (0..1) at which a decaying MTP weight reaches 0 (and stays)
+    # experiment tracking
+    wandb_project: str = ""  # log to this Weights & Biases project from rank 0 (needs pip install wandb)
+    wandb_run_name: str = ""  # the W&B run's name (default: the run id)
 
 
 PRESETS = {
     "gpt2_124m": {},  # the defaults above: GPT-2 small's shape, the 2025-11-29 schedules, BottleCap's target
-    "bottlecap": dict(target_val_loss=3.3821, val_tokens=1048576, stop_at_target=True),  # BottleCap 1-GPU rule
+    # BottleCap 1-GPU rule
+    "bottlecap": dict(target_val_loss=3.3821, val_tokens=1048576, stop_at_target=True),
     "modded": dict(target_val_loss=3.28, val_tokens=10485760),  # modded-nanogpt's rule
     # trains on CPU in seconds on the bundled sample (data/sample/): for smoke tests and first contact
     "tiny": dict(train_files="data/sample/sample_train_*.bin", val_files="data/sample/sample_val_*.bin",
@@ -679,100 +757,46 @@ PRESETS = {
 }
 
 
-def at_least(low):
-    return lambda v: low <= v < math.inf
-
-
-# Every flag's allowed values, in one place (checked after the preset and the flags, and after a resumed
-# checkpoint's settings): flag -> (test, what is allowed). Idea scripts check their own fields in GPTConfig.
-LIMITS = {
-    "vocab_size": (at_least(1), "an integer >= 1"), "n_layer": (at_least(1), "an integer >= 1"),
-    "n_head": (at_least(1), "an integer >= 1"), "n_embd": (at_least(4), "an integer >= 4"),
-    "logit_softcap": (lambda v: 0 < v < math.inf, "a number > 0"), "value_embeds": (at_least(0), "an integer >= 0"),
-    "attention": (lambda v: v in ("flex", "sdpa"), "flex or sdpa"), "seq_len": (at_least(1), "an integer >= 1"),
-    "window_blocks": (lambda v: re.fullmatch(r"[1-9][0-9]*(,[1-9][0-9]*)*", v), "whole numbers >= 1, comma-separated"),
-    "doc_cap": (at_least(0), "an integer >= 0 (0: uncut)"),
-    "num_iterations": (at_least(1), "an integer >= 1"), "batch_tokens": (at_least(1), "an integer >= 1"),
-    "batch_stages": (at_least(1), "an integer >= 1"),
-    "device_batch_tokens": (lambda v: v == "auto" or v >= 1, "an integer >= 1, or auto"),
-    "warmup_steps": (at_least(0), "an integer >= 0"), "cooldown_frac": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "lr_floor": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "muon_lr": (at_least(0), "a number >= 0"), "muon_momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "muon_momentum_warmup_steps": (at_least(0), "an integer >= 0"), "embed_lr": (at_least(0), "a number >= 0"),
-    "head_lr": (at_least(0), "a number >= 0"), "scalar_lr": (at_least(0), "a number >= 0"),
-    "adam_beta1": (lambda v: 0 <= v < 1, "a number in [0, 1)"), "adam_beta2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "weight_decay": (at_least(0), "a number >= 0"), "val_every": (at_least(0), "an integer >= 0 (0: only at the end)"),
-    "val_tokens": (at_least(0), "an integer >= 0 (0: no validation)"),
-    "target_val_loss": (math.isfinite, "a finite number"),
-    "time_budget_s": (at_least(0), "a number of seconds >= 0 (0: off)"),
-    "compile": (lambda v: v in (0, 1, "auto"), "0, 1 or auto"),
-    "dtype": (lambda v: v in ("auto", "bf16", "fp16", "fp32"), "auto, bf16, fp16 or fp32"),
-    "save_every": (at_least(0), "an integer >= 0 (0: never)"),
-}
-
-
-def check_args(args):
-    """A clear error for the first flag outside its allowed values, naming the flag, the value and the range."""
-    for name, (allowed, what) in LIMITS.items():
-        value = getattr(args, name)
-        if not allowed(value):
-            raise SystemExit(f"error: --{name}={value}: expected {what}")
-    if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 4:  # rotary: turning and still channel pairs
-        divisors = [h for h in range(1, args.n_embd + 1) if args.n_embd % h == 0 and (args.n_embd // h) % 4 == 0]
-        raise SystemExit(f"error: --n_head={args.n_head}: must divide --n_embd={args.n_embd} into a head size that is a "
-                         f"multiple of 4; "
-                         f"choose one of {', '.join(map(str, divisors[:12]))}{' ...' if len(divisors) > 12 else ''}")
-    return args
-
-
-def parse_value(name, text, kind):
-    try:
-        if kind is bool and text.lower() in ("1", "true", "0", "false"):
-            return text.lower() in ("1", "true")
-        if kind == (int | str):
-            return text if text == "auto" else int(text)
-        if kind in (int, float, str):
-            return kind(text)
-    except ValueError:
-        pass
-    expected = {bool: "0 or 1", int: "an integer", float: "a number"}.get(kind, "an integer or auto")
-    raise SystemExit(f"error: --{name}={text}: expected {expected}")
-
-
-def usage():
-    source = inspect.getsource(Hyperparameters)
-    helps = dict(re.findall(r"^    (\w+): [^=\n]+=[^#\n]*#\s*(.*)$", source, re.M))
-    lines = [f"usage: {os.path.basename(__file__)} [--name=value ...]", ""]
-    for f in dataclasses.fields(Hyperparameters):
-        default = int(f.default) if isinstance(f.default, bool) else f.default
-        lines.append(f"  --{f.name}={default}".ljust(56) + helps.get(f.name, ""))
-    lines.append("\npresets (--preset=NAME; applied first, then the flags):")
-    for name, settings in PRESETS.items():
-        lines.append(f"  {name}: " + (" ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in settings.items())
-                                      or "the defaults above"))
-    return "\n".join(lines)
-
-
-def parse_args(argv):
-    """--name=value flags -> (Hyperparameters, the flags given). The preset applies first, then the flags."""
-    kinds = typing.get_type_hints(Hyperparameters)
-    given = {}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(usage())
-            sys.exit(0)
-        name, eq, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if name not in kinds or not eq:
-            raise SystemExit(f"error: unknown flag {arg!r}: flags are --name=value with name one of:\n  "
-                             + " ".join(kinds) + "\n(--help shows their defaults)")
-        given[name] = parse_value(name, text, kinds[name])
-    preset = given.get("preset", Hyperparameters.preset)
-    if preset not in PRESETS:
-        raise SystemExit(f"error: --preset={preset}: unknown preset; choose one of {', '.join(PRESETS)}")
-    return check_args(Hyperparameters(**{**PRESETS[preset], **given})), given
-
-
 # ---- train ----
+@dataclass
+class Run:
+    """What a run carries from setup() (in the harness) through the loop to finish(). Set once by setup(),
+    except the last three, which the loop sets when it stops early."""
+    args: Hyperparameters  # the settings in force: the preset, then a checkpoint's, then the flags given
+    ckpt: dict | None = None  # the checkpoint resumed from (--resume), or None
+    rank: int = 0  # this process among `world` (torchrun's RANK); rank 0 writes the log and the checkpoints
+    world: int = 1  # processes (torchrun's WORLD_SIZE)
+    master: bool = True  # rank == 0
+    device: torch.device | None = None  # this process's GPU (torchrun's LOCAL_RANK), or the CPU
+    amp_dtype: torch.dtype | None = None  # autocast's dtype: bf16 or fp16; None for fp32
+    amp_ctx: typing.Any = None  # the autocast context every forward runs in (a null context for fp32)
+    scaler: torch.amp.GradScaler | None = None  # loss scaling, enabled for fp16 only
+    use_compile: bool = False  # GPT.compile_regions() was applied
+    raw_model: GPT | None = None  # the model itself: its schedules, hooks and state dict
+    model: nn.Module | None = None  # what the loop calls: raw_model, or DDP around it on several processes
+    optimizers: list = dataclasses.field(default_factory=list)  # [AdamW, Muon]
+    train_loader: DistributedDataLoader | None = None
+    val_inputs: torch.Tensor | None = None  # this rank's validation streams (n, 1, T) on the CPU (n may be 0)
+    val_targets: torch.Tensor | None = None  # their next tokens
+    # checkpointed: train_time, val_time, best_val_loss, final_val_loss, time_to_target, tokens_seen,
+    # checkpoints ([step, path] pairs), compile_warmup (seconds)
+    state: dict = dataclasses.field(default_factory=dict)
+    start_step: int = 0  # optimizer steps taken before this process started (a resumed run's)
+    script_path: str = ""  # this file, whose source the log holds
+    script_sha: str = ""  # its sha256, in the summary
+    run_id: str = ""  # <script>_<date>-<time>_<random>: names the log and the checkpoint folder
+    log: "RunLog | None" = None  # logs/<run_id>.txt, written by rank 0 only
+    tracker: typing.Any = None  # the Weights & Biases run (--wandb_project), or None
+    clock_group: typing.Any = None  # a CPU process group for rank 0's clock (several ranks, a time budget)
+    clock: tuple | None = None  # the last clock broadcast, (tensor, work): see agreed_elapsed()
+    cache_file: str | None = None  # --compile_cache's file for this script, device, torch and Triton
+    cache_note: str | None = None  # what loading it found, for the log
+    cache_loaded: int = 0  # entries loaded from it
+    stopped: str | None = None  # why the loop ended early
+    diverged: bool = False  # a non-finite loss stopped it
+    interrupted: int | None = None  # the signal (SIGINT, SIGTERM) that stopped it
+
+
 def run_progress(step, args, elapsed=0.0):
     """How far the run is, in [0, 1]: step / num_iterations or, with a time budget, elapsed / budget when that
     is further along (so schedules end when the budget does)."""
@@ -783,13 +807,14 @@ def run_progress(step, args, elapsed=0.0):
 
 
 def stage_batches(args):
-    """The batch of every stage, in tokens: stage s = 1..batch_stages trains on s/batch_stages of batch_tokens."""
+    """The batch of every stage, in tokens: stage s = 1..batch_stages trains on s/batch_stages of
+    batch_tokens."""
     return [args.batch_tokens * s // args.batch_stages for s in range(1, args.batch_stages + 1)]
 
 
 def batch_stage(progress, args):
-    """(tokens in this step's batch, its LR multiplier): stage s runs at s**0.6 times the LR ((batch ratio)**0.6,
-    the 2025-11-29 record's rule)."""
+    """(tokens in this step's batch, its LR multiplier): stage s runs at s**0.6 times the LR ((batch
+    ratio)**0.6, the 2025-11-29 record's rule)."""
     stage = min(int(progress * args.batch_stages), args.batch_stages - 1)
     return stage_batches(args)[stage], (stage + 1) ** 0.6
 
@@ -809,7 +834,8 @@ def muon_momentum(step, args):
 
 
 def build_optimizers(model, args, device):
-    """Muon for hidden matrices; AdamW for embeddings, the head (lm_head*) and vectors. Each parameter once."""
+    """Muon for hidden matrices; AdamW for embeddings, the head (lm_head*) and vectors. Each parameter once.
+    """
     embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     groups = {"embed": [], "head": [], "scalar": [], "muon": []}
     for name, p in model.named_parameters():
@@ -818,8 +844,8 @@ def build_optimizers(model, args, device):
         groups[kind].append(p)
     lrs = {"embed": args.embed_lr, "head": args.head_lr, "scalar": args.scalar_lr}
     adam = torch.optim.AdamW([dict(params=groups[k], lr=lrs[k]) for k in lrs if groups[k]],
-                             betas=(args.adam_beta1, args.adam_beta2), eps=1e-10, weight_decay=args.weight_decay,
-                             fused=device.type == "cuda")
+                             betas=(args.adam_beta1, args.adam_beta2), eps=1e-10,
+                             weight_decay=args.weight_decay, fused=device.type == "cuda")
     muon = Muon(groups["muon"], lr=args.muon_lr, momentum=args.muon_momentum)
     for opt in (adam, muon):
         for group in opt.param_groups:
@@ -827,355 +853,13 @@ def build_optimizers(model, args, device):
     return [adam, muon]
 
 
-def restore_optimizers(optimizers, states):
-    """Load the optimizers' saved states (momenta, step counts), keeping the hyperparameters they have now: on
-    resume the flags given win over the checkpoint's lr, betas and weight decay."""
-    for opt, state in zip(optimizers, states):
-        settings = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
-        opt.load_state_dict(state)
-        for group, now in zip(opt.param_groups, settings):
-            group.update(now)
-
-
-def pick_device_batch_tokens(per_rank, fits):
-    """The largest divisor of the per-rank tokens of the first batch stage for which fits(size) holds."""
-    for size in (b for b in range(per_rank, 0, -1) if per_rank % b == 0):
-        if fits(size):
-            return size
-    raise SystemExit("error: not even a tiny micro-batch fits in GPU memory; try --activation_checkpointing=1")
-
-
-def memory_stats(device):
-    """(peak bytes allocated since the last reset, the device's total bytes)."""
-    return torch.cuda.max_memory_allocated(device), torch.cuda.get_device_properties(device).total_memory
-
-
-def probe_fits(model, args, device, amp_ctx, size):
-    """Does a micro-batch of `size` tokens fit? One real forward+backward of the model that will train (the
-    compiled one when compile is on: its fused graph needs far less memory than eager's fp32 logits), plus room
-    for the optimizer states (at most two fp32 copies of the weights), within 90% of the device's memory."""
-    idx = torch.randint(0, args.vocab_size, (1, size), device=device)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    try:
-        with amp_ctx:
-            model(idx, idx).backward()
-        peak, total = memory_stats(device)
-    except torch.OutOfMemoryError:
-        peak, total = math.inf, 0
-    model.zero_grad(set_to_none=True)
-    optimizer_bytes = 8 * sum(p.numel() for p in model.parameters())
-    return peak + optimizer_bytes <= 0.9 * total
-
-
-def auto_device_batch_tokens(raw_model, args, run, per_rank):
-    """--device_batch_tokens=auto: the largest micro-batch that fits, agreed on by every rank (the smallest rank's
-    answer: ranks that ran different numbers of micro-steps would wait on each other forever)."""
-    row = args.seq_len if args.attention == "sdpa" else 1  # sdpa: whole rows
-    fits = lambda size: size % row == 0  # noqa: E731  (a CPU has no memory limit to probe: the largest)
-    if run.device.type == "cuda":
-        if run.use_compile:  # dynamic shapes: one compile serves every probed size; training's is compiled afterwards
-            raw_model.compile_regions(dynamic=True)
-        fits = lambda size: size % row == 0 and probe_fits(raw_model, args, run.device, run.amp_ctx, size)  # noqa: E731
-    size = pick_device_batch_tokens(per_rank, fits)
-    if run.device.type == "cuda" and run.use_compile:
-        torch._dynamo.reset()
-    if run.world > 1:
-        agreed = torch.tensor(size, device=run.device)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # divisors of the same number: the minimum is one too
-        size = int(agreed.item())
-    return size
-
-
-def load_checkpoint(path):
-    """A checkpoint written by this script, or a clear error that says what the file is and what to do."""
-    script = os.path.basename(__file__)
-    if os.path.isdir(path):
-        found = sorted(glob.glob(os.path.join(path, "ckpt_step*.pt")))
-        raise SystemExit(f"error: --resume={path} is a folder; pass a checkpoint file"
-                         + (f", e.g. --resume={found[-1]}" if found else " (ckpt_step*.pt, written by --save_every)"))
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --resume={path}: no such checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # pickle, zip and EOF errors all mean the same here: not a whole checkpoint
-        raise SystemExit(f"error: --resume={path} is not a readable checkpoint ({type(e).__name__}); it is truncated "
-                         "or corrupt: resume from an earlier ckpt_step*.pt") from None
-    if not isinstance(ckpt, dict) or not {"script", "args", "model", "optimizers", "step"} <= set(ckpt):
-        raise SystemExit(f"error: --resume={path} is not a train_gpt2*.py checkpoint (those come from --save_every)")
-    if ckpt["script"] != script:
-        raise SystemExit(f"error: --resume={path} was written by {ckpt['script']}, not {script}: resume it with "
-                         f"python {ckpt['script']} --resume={path}")
-    unknown = sorted(set(ckpt["args"]) - {f.name for f in dataclasses.fields(Hyperparameters)})
-    if unknown:
-        raise SystemExit(f"error: --resume={path} has settings this version of {script} does not know ({', '.join(unknown)}); "
-                         "resume it with the version of the script that wrote it (its run log holds the source)")
-    return ckpt
-
-
-def keep_freed_memory():
-    """On a Linux CPU, glibc hands every freed buffer over 32 MB back to the OS and page-faults it in again at the
-    next allocation; CPU training frees ~100 MB of logits per op. Keeping freed memory for reuse makes CPU runs
-    several times faster, with the same numbers (mallopt: M_TRIM_THRESHOLD -1, M_TOP_PAD -2, M_MMAP_THRESHOLD -3)."""
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        libc = ctypes.CDLL(None)
-        for param, value in ((-3, 2**31 - 1), (-1, 2**31 - 1), (-2, 512 * 2**20)):
-            libc.mallopt(param, value)
-
-
-def setup(argv):
-    """Everything before the first step: flags (and a checkpoint's), processes, device, model, optimizers, data and
-    the run log. Every bad input is an error here, before anything is written."""
-    args, given = parse_args(argv)
-    ckpt = None
-    if args.resume:  # the checkpoint's settings, overridden by the flags given now
-        ckpt = load_checkpoint(args.resume)
-        args = check_args(Hyperparameters(**{**ckpt["args"], **given}))
-    run = types.SimpleNamespace(args=args, ckpt=ckpt, stopped=None, diverged=False, interrupted=None)
-
-    # processes and devices: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` is one process
-    run.rank, run.world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    run.master = run.rank == 0
-    run.device = device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    else:
-        keep_freed_memory()
-        # CPU validation runs FlexAttention eagerly (correct, just unfused); no need to say so at every run
-        warnings.filterwarnings("ignore", message=r".*flex_attention called without torch\.compile")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(args.dtype, "auto")
-    if amp_dtype == "auto":  # bf16 from Ampere on; older GPUs (V100, RTX 20xx) get fp16 with loss scaling
-        amp_dtype = None if device.type != "cuda" else (
-            torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16)
-    run.amp_dtype = amp_dtype
-    run.amp_ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    run.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    run.use_compile = device.type == "cuda" if args.compile == "auto" else bool(args.compile)
-
-    # batch geometry: a stage's batch = world x accumulation x device_batch_tokens; every stage a multiple of the first
-    if args.batch_tokens % (args.batch_stages * run.world):
-        raise SystemExit(f"error: --batch_tokens={args.batch_tokens} does not split into --batch_stages="
-                         f"{args.batch_stages} stages x {run.world} processes")
-    per_rank = args.batch_tokens // (args.batch_stages * run.world)  # the first stage's tokens per rank
-    row = args.seq_len if args.attention == "sdpa" else 1  # sdpa: micro-batches hold whole rows
-    if args.device_batch_tokens != "auto" and (per_rank % args.device_batch_tokens or args.device_batch_tokens % row):
-        raise SystemExit(f"error: --device_batch_tokens={args.device_batch_tokens} must divide the first batch stage's "
-                         f"{per_rank} tokens per process" + (f" and be a multiple of --seq_len={row}" if row > 1 else ""))
-    if args.val_tokens == 0 and args.stop_at_target:
-        raise SystemExit("error: --stop_at_target=1 needs validation: give --val_tokens > 0 (the benchmark's: "
-                         "1048576)")
-    if args.val_tokens > 0:
-        check_train_is_not_val(args.train_files, args.val_files)
-    val_tokens = load_val_tokens(args.val_files, args.val_tokens, args.vocab_size) if args.val_tokens else None
-    run.cache_file = compile_cache_file(args, device) if run.use_compile and args.compile_cache else None
-    torch.manual_seed(args.seed)
-    run.raw_model = raw_model = GPT(GPTConfig.from_args(args)).to(device)
-    if ckpt is not None:
-        try:
-            raw_model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise SystemExit(f"error: --resume={args.resume}: its weights do not fit this model "
-                             f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); resume "
-                             "without changing the model's shape flags") from None
-    if kernels is not None:
-        kernels.set_enabled(args.kernels)
-        kernels.pin_configs(run.world > 1)  # identical Muon updates on every rank
-    run.clock_group, run.clock = None, None  # see agreed_elapsed()
-    if run.world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if args.time_budget_s > 0:
-            run.clock_group = dist.new_group(backend="gloo")
-    # compiled code saved by an earlier run (--compile_cache), loaded before anything compiles
-    run.cache_note, run.cache_loaded = load_compile_cache(run.cache_file) if run.cache_file else (None, 0)
-    if args.device_batch_tokens == "auto":
-        args.device_batch_tokens = auto_device_batch_tokens(raw_model, args, run, per_rank)
-        if args.attention == "flex":
-            raw_model.config.seq_len = args.device_batch_tokens
-    T = args.device_batch_tokens
-    if args.val_tokens % (T * run.world):  # (0 is a multiple: no validation)
-        raise SystemExit(f"error: --val_tokens={args.val_tokens} is not a multiple of --device_batch_tokens={T} x "
-                         f"{run.world} processes (validation streams are micro-batch sized)")
-    run.optimizers = build_optimizers(raw_model, args, device)
-    if run.use_compile:  # compiled lazily, at the warm-up's first step
-        # each kind of block (value embeddings or not, an idea's own), in training and in evaluation, is an entry of
-        # Block.forward's one compile cache: room for 16, not Dynamo's default 8 (AFNO's two kinds of block fill 8)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
-        raw_model.compile_regions()
-    run.model = raw_model
-    if run.world > 1:  # the rotary tables are built, not learned: no buffers to broadcast
-        run.model = DDP(raw_model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
-    run.train_loader = DistributedDataLoader(args.train_files, T, run.rank, run.world, device, args.vocab_size,
-                                             args.doc_cap)
-    # validation: the first val_tokens tokens as streams of T, each token counted once; rank r takes every world-th
-    val_tokens = np.zeros(1, dtype=np.int64) if val_tokens is None else val_tokens  # --val_tokens=0: no streams
-    run.val_inputs = torch.from_numpy(val_tokens[:-1]).view(-1, 1, T)[run.rank::run.world]
-    run.val_targets = torch.from_numpy(val_tokens[1:]).view(-1, 1, T)[run.rank::run.world]
-    run.state = dict(train_time=0.0, val_time=0.0, best_val_loss=math.inf, final_val_loss=None,
-                     time_to_target=None, tokens_seen=0, checkpoints=[])  # checkpoints: [step, path] pairs
-    run.start_step = 0
-    if ckpt is not None:
-        restore_optimizers(run.optimizers, ckpt["optimizers"])
-        run.scaler.load_state_dict(ckpt["scaler"])
-        run.train_loader.load_state_dict(ckpt["loader"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        run.state.update(ckpt["state"])
-        run.start_step = ckpt["step"]
-        if run.master:  # a run killed while saving leaves a temp file beside its checkpoints
-            for stale in glob.glob(os.path.join(os.path.dirname(os.path.abspath(args.resume)), "*.pt.tmp")):
-                os.remove(stale)
-
-    # the run log: code, environment, settings, then one line per step and a final summary
-    run.script_path = os.path.abspath(__file__)
-    run.run_id = (f"{os.path.splitext(os.path.basename(run.script_path))[0]}_{datetime.datetime.now():%Y%m%d-%H%M%S}_"
-                  f"{uuid.uuid4().hex[:6]}")
-    run.log = log = RunLog(os.path.join(args.log_dir, f"{run.run_id}.txt") if run.master else None)
-    log.write(f"# run {run.run_id}: {' '.join([os.path.basename(run.script_path)] + list(argv))}", echo=False)
-    run.script_sha = log.source(run.script_path)
-    for name in sorted(n for n in sys.modules if n == "kernels" or n.startswith("kernels.")):
-        if getattr(sys.modules[name], "__file__", None):
-            log.source(sys.modules[name].__file__)
-    log.write(f"==== environment ====\n{environment_report(device, run.world)}", echo=False)
-    log.write(f"==== hyperparameters ====\n{json.dumps(dataclasses.asdict(args))}", echo=False)
-    log.write("==== training ====", echo=False)
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    log.write(f"# {device_name(device)} x{run.world}  params {n_params / 1e6:.2f}M  dtype {amp_dtype or torch.float32}  "
-              f"compile {run.use_compile}  kernels {kernels is not None and args.kernels}  micro-batch "
-              f"{T} tokens x accumulation {', '.join(str(s // (T * run.world)) for s in stage_batches(args))} "
-              f"(batch stages {', '.join(map(str, stage_batches(args)))} tokens)  attention {args.attention}  "
-              f"log {log.path}")
-    if hasattr(raw_model, "describe"):  # an idea's own start-up facts (its extra FLOPs, its cache size)
-        log.write(f"# {raw_model.describe()}")
-    if ckpt is not None:
-        log.write(f"# resumed from {args.resume} at step {run.start_step}")
-    if run.cache_note:
-        log.write(f"# {run.cache_note}")
-    if run.use_compile:
-        compile_warmup(run)
-    return run
-
-
-def cpu_copy(tree):
-    """A copy of every tensor in a state dict (nested dicts and lists), in CPU memory."""
-    return torch.utils._pytree.tree_map(lambda t: t.detach().to("cpu", copy=True) if torch.is_tensor(t) else t, tree)
-
-
-def compile_warmup(run):
-    """Compile outside the timed run: one real step (every training graph, and the optimizers' first step), one
-    evaluation forward (the evaluation graphs), then the weights, optimizers, data position and token count put back
-    as they were. The copies wait in CPU memory, not on the GPU (~1.1 GB at 124M), and are gone once restored."""
-    from torch._dynamo.utils import counters
-    t_compile, graphs = time.perf_counter(), counters["stats"]["unique_graphs"]
-    saved = dict(model=cpu_copy(run.raw_model.state_dict()), scaler=run.scaler.state_dict(),
-                 optimizers=cpu_copy([o.state_dict() for o in run.optimizers]),
-                 loader=run.train_loader.state_dict(), tokens=run.state["tokens_seen"])
-    loss = float(train_step(run, run.start_step))  # float(): waits for the step, so its compiling is done
-    if len(run.val_inputs):  # --val_tokens=0 never evaluates
-        run.model.eval()
-        with torch.no_grad(), run.amp_ctx:
-            float(run.model(run.val_inputs[0].to(run.device), run.val_targets[0].to(run.device)))
-        run.model.train()
-    run.raw_model.load_state_dict(saved["model"])
-    for opt, state in zip(run.optimizers, saved["optimizers"]):
-        opt.load_state_dict(state)
-    run.scaler.load_state_dict(saved["scaler"])
-    run.train_loader.load_state_dict(saved["loader"])
-    run.state["tokens_seen"] = saved["tokens"]
-    del saved
-    run.state["compile_warmup"] = time.perf_counter() - t_compile
-    graphs = counters["stats"]["unique_graphs"] - graphs
-    evaluation = " and an evaluation forward" if len(run.val_inputs) else ""
-    run.log.write(f"# compile warm-up: a step (loss {loss:.4f}){evaluation} in {run.state['compile_warmup']:.1f}s "
-                  f"({graphs} graphs compiled), excluded from train_time; weights, optimizers and data put back")
-    if run.cache_file and run.master:
-        run.log.write(f"# {save_compile_cache(run.cache_file, run.cache_loaded)}")
-
-
-def compile_cache_file(args, device):
-    """--compile_cache=DIR: DIR/<script>-<device>-torch<version>-triton<version>.bin. Compiled code serves only the
-    same GPU model (or CPU architecture), torch and Triton, so those name the file."""
-    if os.path.exists(args.compile_cache) and not os.path.isdir(args.compile_cache):
-        raise SystemExit(f"error: --compile_cache={args.compile_cache} is a file; give a folder (it is created if "
-                         "missing)")
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "none"
-    key = f"{os.path.splitext(os.path.basename(__file__))[0]}-{device_name(device)}-torch{torch.__version__}-" \
-          f"triton{triton_version}"
-    return os.path.join(args.compile_cache, re.sub(r"[^A-Za-z0-9.+_-]+", "_", key) + ".bin")
-
-
-def load_compile_cache(path):
-    """Load compiled code saved by an earlier run, if there is any for this machine: a warm start. A file that does
-    not load is a warning (the run compiles as usual), never an error. Returns (the note for the log, entries)."""
-    if not os.path.exists(path):
-        others = sorted(glob.glob(os.path.join(os.path.dirname(path), "*.bin")))
-        held = f" (it holds {len(others)} other file(s), e.g. {os.path.basename(others[0])})" if others else ""
-        return (f"compile cache: nothing in {os.path.dirname(path) or '.'} for this script, device, torch and "
-                f"Triton{held}; compiling, then saving to {path}"), 0
-    try:  # torch returns None for a file it cannot read (a truncated one, another torch's format), saying why
-        with open(path, "rb") as f:
-            info = torch.compiler.load_cache_artifacts(f.read())
-    except Exception as e:
-        info = e
-    if info is None or isinstance(info, Exception):  # compiling from scratch is always correct
-        why = f" ({type(info).__name__}: {info})" if isinstance(info, Exception) else ""
-        warnings.warn(f"--compile_cache: {path} did not load{why}; compiling from scratch")
-        return f"compile cache: {path} did not load; compiling, then saving over it", 0
-    entries = sum(len(v) for v in info.artifacts.values())
-    return f"compile cache: loaded {entries} entries from {path}", entries
-
-
-def save_compile_cache(path, loaded):
-    """Save everything this process compiled (and loaded) to path, whole or not at all (a temp file, renamed)."""
-    from torch._dynamo.utils import counters
-    hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
-    artifacts = torch.compiler.save_cache_artifacts()
-    if artifacts is None:
-        return f"compile cache: nothing to save to {path}"
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        f.write(artifacts[0])
-    os.replace(path + ".tmp", path)
-    if loaded and misses:  # the file held code for another version of the script, or other settings
-        warnings.warn(f"--compile_cache: {misses} of {hits + misses} graphs were not in {path} (the script or its "
-                      "shape flags differ from the run that saved it); they compiled from scratch, and the file now "
-                      "holds them too")
-    return (f"compile cache: {hits} graphs found compiled, {misses} compiled anew; saved "
-            f"{len(artifacts[0]) / 1e6:.1f} MB to {path}")
-
-
-def evaluate(run):
-    """Mean next-token loss over exactly val_tokens tokens; each rank takes every world-th sequence."""
-    model, device, n_streams = run.model, run.device, len(run.val_inputs)
-    model.eval()
-    total = torch.zeros((), device=device)
-    t_start = t_shown = time.perf_counter()
-    with torch.no_grad():
-        for i, (x, y) in enumerate(zip(run.val_inputs, run.val_targets)):  # the training micro-batch's shape
-            with run.amp_ctx:
-                total += model(x.to(device, non_blocking=True), y.to(device, non_blocking=True)).float()
-            if run.master and time.perf_counter() - t_shown > 10:  # a long validation (a CPU) shows progress
-                t_shown = time.perf_counter()
-                print(f"  validation: {i + 1}/{n_streams} streams, {t_shown - t_start:.0f}s", file=sys.stderr,
-                      flush=True)
-    if run.world > 1:
-        dist.all_reduce(total)
-    model.train()
-    return total.item() / (n_streams * run.world)
-
-
 def train_step(run, step, elapsed=0.0):
-    """One optimizer step over accum micro-batches; returns the mean training loss over every rank as a tensor on
-    the device, unread: reading it (.item()) would make the host wait for the GPU to finish the step."""
+    """One optimizer step over accum micro-batches; returns the mean training loss over every rank as a tensor
+    on the device, unread: reading it (.item()) would make the host wait for the GPU to finish the step."""
     args, model = run.args, run.model
     progress = run_progress(step, args, elapsed)
-    run.raw_model.schedule(progress)  # the model's own schedules: windows (an idea's aux-loss weight, router biases)
+    # the model's own schedules: windows (an idea's aux-loss weight, router biases)
+    run.raw_model.schedule(progress)
     batch, _ = batch_stage(progress, args)
     accum = batch // (args.device_batch_tokens * run.world)
     for opt in run.optimizers:
@@ -1203,60 +887,44 @@ def train_step(run, step, elapsed=0.0):
     return loss_sum / (accum * run.world)
 
 
-def save_checkpoint(run, step):
-    """logs/<run_id>/ckpt_step<step>.pt: everything a resume needs. Written to a temp file and renamed, so it is
-    whole or absent, even if the run is killed while saving."""
-    path = os.path.join(run.args.log_dir, run.run_id, f"ckpt_step{step:06d}.pt")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if os.path.exists(path):
-        raise SystemExit(f"error: {path} exists; checkpoints are never overwritten")
-    cuda = run.device.type == "cuda"
-    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if cuda else None)
-    try:
-        torch.save(dict(script=os.path.basename(run.script_path), model_config=dataclasses.asdict(run.raw_model.config),
-                        args=dataclasses.asdict(run.args), model=run.raw_model.state_dict(), step=step, rng=rng,
-                        optimizers=[o.state_dict() for o in run.optimizers], scaler=run.scaler.state_dict(),
-                        loader=run.train_loader.state_dict(), state=run.state), path + ".tmp")
-        os.replace(path + ".tmp", path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path + ".tmp")
-        raise
-    run.state["checkpoints"].append([step, path])
-
-
-@contextlib.contextmanager
-def stop_signals_interrupt(run):
-    """Ctrl-C and SIGTERM (a scheduler's kill) both end the loop the same way: a log line, a summary, no half file."""
-    def interrupt(signum, frame):
-        run.interrupted = signum
-        raise KeyboardInterrupt
-    previous = None
-    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
-        previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in (previous or {}).items():
-            signal.signal(s, handler)
+def evaluate(run):
+    """Mean next-token loss over exactly val_tokens tokens; each rank takes every world-th sequence."""
+    model, device, n_streams = run.model, run.device, len(run.val_inputs)
+    model.eval()
+    total = torch.zeros((), device=device)
+    t_start = t_shown = time.perf_counter()
+    with torch.no_grad():
+        for i, (x, y) in enumerate(zip(run.val_inputs, run.val_targets)):  # the training micro-batch's shape
+            with run.amp_ctx:
+                total += model(x.to(device, non_blocking=True), y.to(device, non_blocking=True)).float()
+            if run.master and time.perf_counter() - t_shown > 10:  # a long validation (a CPU) shows progress
+                t_shown = time.perf_counter()
+                print(f"  validation: {i + 1}/{n_streams} streams, {t_shown - t_start:.0f}s", file=sys.stderr,
+                      flush=True)
+    if run.world > 1:
+        dist.all_reduce(total)
+    model.train()
+    return total.item() / (n_streams * run.world)
 
 
 class StepRecord:
-    """A step taken, logged once the next step is queued: its loss (and an idea's log_stats) are copied to the host
-    now, behind the work that makes them, so reading them then waits for this step only, never for the next."""
+    """A step taken, logged once the next step is queued: its loss (and an idea's log_stats) are copied to the
+    host now, behind the work that makes them, so reading them then waits for this step only, never for the
+    next."""
 
     def __init__(self, run, step, loss):
         self.step, self.tokens_seen = step, run.state["tokens_seen"]
-        stats = run.raw_model.log_stats() if hasattr(run.raw_model, "log_stats") else {}  # e.g. MoE's expert load
-        self.values = {"train_loss": loss, **stats}
-        self.ready, self.done_at = None, time.perf_counter()  # on a CPU the step is done when train_step returns
+        self.values = {"train_loss": loss, **run.raw_model.log_stats()}  # an idea's, e.g. MoE's expert load
+        # on a CPU the step is done when train_step returns
+        self.ready, self.done_at = None, time.perf_counter()
         if run.device.type == "cuda":
             self.values = {k: v.detach().to("cpu", non_blocking=True) for k, v in self.values.items()}
             self.ready = torch.cuda.Event()
             self.ready.record()
 
     def read(self):
-        """The values, once the step is done; done_at becomes the time it was (near enough: the host is ahead)."""
+        """The values, once the step is done; done_at becomes the time it was (near enough: the host is
+        ahead)."""
         if self.ready is not None:
             self.ready.synchronize()
             self.done_at = time.perf_counter()
@@ -1264,12 +932,13 @@ class StepRecord:
 
 
 def log_step(run, record, t0):
-    """The step line of a step taken, its clock read when the step was done (t0: when the clock last started; None
-    when it has stopped), or the stop on a non-finite loss."""
+    """The step line of a step taken, its clock read when the step was done (t0: when the clock last started;
+    None when it has stopped), or the stop on a non-finite loss."""
     args, state = run.args, run.state
     values = record.read()
     train_loss, step = values.pop("train_loss"), record.step
-    if not math.isfinite(train_loss):  # the weights after step - 1 updates are bad: so is a checkpoint of them
+    # the weights after step - 1 updates are bad: so is a checkpoint of them
+    if not math.isfinite(train_loss):
         state["checkpoints"] = [c for c in state["checkpoints"] if c[0] < step - 1]
         run.stopped, run.diverged = f"train_loss is {train_loss} at step {step}", True
         run.log.write(f"error: {run.stopped}; stopping. Last good checkpoint: {last_checkpoint(run)}; "
@@ -1280,28 +949,19 @@ def log_step(run, record, t0):
     eta = (args.num_iterations - step) * step_ms / 1000
     eta = min(eta, args.time_budget_s - now) if args.time_budget_s > 0 else eta
     idea_stats = "".join(f" {name}:{value:.2f}" for name, value in values.items())
-    run.log.write(f"step:{step}/{args.num_iterations} train_loss:{train_loss:.4f} train_time:{now * 1000:.0f}ms "
-                  f"step_avg:{step_ms:.1f}ms tok/s:{kilo_tok_per_s:.{0 if kilo_tok_per_s >= 100 else 1}f}k "
+    track(run, step, dict(train_loss=train_loss, train_time_ms=now * 1000, step_avg_ms=step_ms,
+                          tokens_per_s=record.tokens_seen / now, **values))
+    run.log.write(f"step:{step}/{args.num_iterations} train_loss:{train_loss:.4f} "
+                  f"train_time:{now * 1000:.0f}ms step_avg:{step_ms:.1f}ms "
+                  f"tok/s:{kilo_tok_per_s:.{0 if kilo_tok_per_s >= 100 else 1}f}k "
                   f"eta:{format_seconds(max(0.0, eta))}{idea_stats}")
 
 
-def agreed_elapsed(run, elapsed):
-    """The training time the schedules and the time budget act on. On several processes every rank must take the
-    same LR and stop on the same step, so all act on rank 0's clock, broadcast on a CPU (gloo) group without
-    waiting: each step uses the value sent at the step before (one step old, the same on every rank)."""
-    if run.clock_group is None:
-        return elapsed
-    sent = torch.tensor([elapsed], dtype=torch.float64)
-    previous, run.clock = run.clock, (sent, dist.broadcast(sent, src=0, group=run.clock_group, async_op=True))
-    value, work = previous or run.clock  # the first step waits for its own value
-    work.wait()
-    return float(value)
-
-
 def train_loop(run):
-    """The steps, validation every val_every, checkpoints every save_every, and the training clock, which stops for
-    both and at the end. Sets run.stopped (why the run ended early) and returns the number of steps taken. A step's
-    line is written once the next step is queued, so the host never waits for the GPU between steps."""
+    """The steps, validation every val_every, checkpoints every save_every, and the training clock, which
+    stops for both and at the end. Sets run.stopped (why the run ended early) and returns the number of steps
+    taken. A step's line is written once the next step is queued, so the host never waits for the GPU between
+    steps."""
     args, state, log = run.args, run.state, run.log
     done, t0 = run.start_step, time.perf_counter()  # done: optimizer steps taken, whenever an interrupt lands
     pending = None  # the StepRecord of the last step, not yet logged
@@ -1312,16 +972,19 @@ def train_loop(run):
             for step in range(run.start_step, args.num_iterations + 1):
                 elapsed = agreed_elapsed(run, state["train_time"] + time.perf_counter() - t0)
                 last = step == args.num_iterations or 0 < args.time_budget_s <= elapsed
-                validate = args.val_tokens > 0 and (last or (args.val_every > 0 and step % args.val_every == 0))
+                every = args.val_every > 0 and step % args.val_every == 0
+                validate = args.val_tokens > 0 and (last or every)
                 save = args.save_every > 0 and step > 0 and (last or step % args.save_every == 0)
-                if pending and (validate or save or last):  # the step line first: a NaN there must stop a save
+                # the step line first: a NaN there must stop a save
+                if pending and (validate or save or last):
                     pending = log_step(run, pending, t0)
                     if run.diverged:
                         break
                 if (validate or save or last) and (step > run.start_step or run.ckpt is None):
                     if run.device.type == "cuda":
                         torch.cuda.synchronize()
-                    if step > run.start_step:  # the clock stops for validation and checkpoints, and at the end
+                    # the clock stops for validation and checkpoints, and at the end
+                    if step > run.start_step:
                         state["train_time"] += time.perf_counter() - t0
                     t0 = None
                     if validate:
@@ -1364,42 +1027,592 @@ def validation(run, step):
         state["time_to_target"] = state["train_time"]
         if args.stop_at_target:
             run.stopped = f"target {args.target_val_loss} reached at step {step}"
-    run.log.write(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} train_time:{state['train_time'] * 1000:.0f}ms")
+    run.log.write(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} "
+                  f"train_time:{state['train_time'] * 1000:.0f}ms")
+    track(run, step, dict(val_loss=val_loss))
     state["val_time"] += time.perf_counter() - t_val
+
+
+def main(argv=None):
+    """Set-up, the training loop, the summary."""
+    with errors_from_rank_zero():
+        run = setup(sys.argv[1:] if argv is None else list(argv))
+        steps = train_loop(run)
+        return finish(run, steps)
+
+
+# ---- harness ----
+def at_least(low):
+    return lambda v: low <= v < math.inf
+
+
+def in_range(low, high, high_included=True):
+    return lambda v: low <= v <= high if high_included else low <= v < high
+
+
+# Every flag's allowed values, in one place, checked after the preset and the flags (and a resumed
+# checkpoint's settings): flag -> (test, what is allowed). An idea's own flags are checked by
+# IdeaFlags.check().
+LIMITS = {
+    "vocab_size": (at_least(1), "an integer >= 1"),
+    "n_layer": (at_least(1), "an integer >= 1"),
+    "n_head": (at_least(1), "an integer >= 1"),
+    "n_embd": (at_least(4), "an integer >= 4"),
+    "logit_softcap": (lambda v: 0 < v < math.inf, "a number > 0"),
+    "value_embeds": (at_least(0), "an integer >= 0"),
+    "attention": (lambda v: v in ("flex", "sdpa"), "flex or sdpa"),
+    "seq_len": (at_least(1), "an integer >= 1"),
+    "window_blocks": (lambda v: re.fullmatch(r"[1-9][0-9]*(,[1-9][0-9]*)*", v),
+                      "whole numbers >= 1, comma-separated"),
+    "doc_cap": (at_least(0), "an integer >= 0 (0: uncut)"),
+    "num_iterations": (at_least(1), "an integer >= 1"),
+    "batch_tokens": (at_least(1), "an integer >= 1"),
+    "batch_stages": (at_least(1), "an integer >= 1"),
+    "device_batch_tokens": (lambda v: v == "auto" or v >= 1, "an integer >= 1, or auto"),
+    "warmup_steps": (at_least(0), "an integer >= 0"),
+    "cooldown_frac": (in_range(0, 1), "a number in [0, 1]"),
+    "lr_floor": (in_range(0, 1), "a number in [0, 1]"),
+    "muon_lr": (at_least(0), "a number >= 0"),
+    "muon_momentum": (in_range(0, 1, high_included=False), "a number in [0, 1)"),
+    "muon_momentum_warmup_steps": (at_least(0), "an integer >= 0"),
+    "embed_lr": (at_least(0), "a number >= 0"),
+    "head_lr": (at_least(0), "a number >= 0"),
+    "scalar_lr": (at_least(0), "a number >= 0"),
+    "adam_beta1": (in_range(0, 1, high_included=False), "a number in [0, 1)"),
+    "adam_beta2": (in_range(0, 1, high_included=False), "a number in [0, 1)"),
+    "weight_decay": (at_least(0), "a number >= 0"),
+    "val_every": (at_least(0), "an integer >= 0 (0: only at the end)"),
+    "val_tokens": (at_least(0), "an integer >= 0 (0: no validation)"),
+    "target_val_loss": (math.isfinite, "a finite number"),
+    "time_budget_s": (at_least(0), "a number of seconds >= 0 (0: off)"),
+    "compile": (lambda v: v in (0, 1, "auto"), "0, 1 or auto"),
+    "dtype": (lambda v: v in ("auto", "bf16", "fp16", "fp32"), "auto, bf16, fp16 or fp32"),
+    "save_every": (at_least(0), "an integer >= 0 (0: never)"),
+}
+
+
+def check_args(args):
+    """A clear error for the first flag outside its allowed values, naming the flag, the value and the range.
+    """
+    for name, (allowed, what) in LIMITS.items():
+        value = getattr(args, name)
+        if not allowed(value):
+            raise SystemExit(f"error: --{name}={value}: expected {what}")
+    # rotary: turning and still channel pairs
+    if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 4:
+        divisors = [h for h in range(1, args.n_embd + 1)
+                    if args.n_embd % h == 0 and (args.n_embd // h) % 4 == 0]
+        more = " ..." if len(divisors) > 12 else ""
+        raise SystemExit(f"error: --n_head={args.n_head}: must divide --n_embd={args.n_embd} into a head "
+                         f"size that is a multiple of 4; choose one of "
+                         f"{', '.join(map(str, divisors[:12]))}{more}")
+    args.check()  # the idea's own flags
+    return args
+
+
+def parse_value(name, text, kind):
+    try:
+        if kind is bool and text.lower() in ("1", "true", "0", "false"):
+            return text.lower() in ("1", "true")
+        if kind == (int | str):
+            return text if text == "auto" else int(text)
+        if kind in (int, float, str):
+            return kind(text)
+    except ValueError:
+        pass
+    expected = {bool: "0 or 1", int: "an integer", float: "a number"}.get(kind, "an integer or auto")
+    raise SystemExit(f"error: --{name}={text}: expected {expected}")
+
+
+def usage():
+    """--help: every flag with its default and its comment in Hyperparameters (an idea's own flags last, from
+    IdeaFlags), then what each preset sets."""
+    source = inspect.getsource(Hyperparameters) + inspect.getsource(IdeaFlags)
+    helps = dict(re.findall(r"^    (\w+): [^=\n]+=[^#\n]*#\s*(.*)$", source, re.M))
+    idea = {f.name for f in dataclasses.fields(IdeaFlags)}
+    # stable: idea flags last
+    fields = sorted(dataclasses.fields(Hyperparameters), key=lambda f: f.name in idea)
+    lines = [f"usage: {os.path.basename(__file__)} [--name=value ...]", ""]
+    for f in fields:
+        default = int(f.default) if isinstance(f.default, bool) else f.default
+        lines.append(f"  --{f.name}={default}".ljust(56) + helps.get(f.name, ""))
+    lines.append("\npresets (--preset=NAME; applied first, then the flags):")
+    for name, settings in PRESETS.items():
+        shown = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in settings.items())
+        lines.append(f"  {name}: {shown or 'the defaults above'}")
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    """--name=value flags -> (Hyperparameters, the flags given). The preset applies first, then the flags."""
+    kinds = typing.get_type_hints(Hyperparameters)
+    given = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(usage())
+            sys.exit(0)
+        name, eq, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name not in kinds or not eq:
+            raise SystemExit(f"error: unknown flag {arg!r}: flags are --name=value with name one of:\n  "
+                             + " ".join(kinds) + "\n(--help shows their defaults)")
+        given[name] = parse_value(name, text, kinds[name])
+    preset = given.get("preset", Hyperparameters.preset)
+    if preset not in PRESETS:
+        raise SystemExit(f"error: --preset={preset}: unknown preset; choose one of {', '.join(PRESETS)}")
+    return check_args(Hyperparameters(**{**PRESETS[preset], **given})), given
+
+
+def setup(argv):
+    """Everything before the first step, in order. Every bad input is an error here, before anything is
+    written."""
+    args, ckpt = resolve_flags(argv)
+    run = Run(args=args, ckpt=ckpt)
+    start_processes(run)
+    val_tokens = check_inputs(run)
+    build_model(run)
+    build_data(run, val_tokens)
+    restore_state(run)
+    open_log(run, argv)
+    if run.use_compile:
+        compile_warmup(run)
+    return run
+
+
+def resolve_flags(argv):
+    """(settings, checkpoint or None): the preset, then a resumed checkpoint's settings, then the flags given.
+    """
+    args, given = parse_args(argv)
+    ckpt = None
+    if args.resume:  # the checkpoint's settings, overridden by the flags given now
+        ckpt = load_checkpoint(args.resume)
+        args = check_args(Hyperparameters(**{**ckpt["args"], **given}))
+    return args, ckpt
+
+
+def start_processes(run):
+    """Processes and devices: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK (plain `python` is one process);
+    the dtype, loss scaling, compile, the kernels switch and the process groups."""
+    args = run.args
+    run.rank, run.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    run.master, local_rank = run.rank == 0, int(os.environ.get("LOCAL_RANK", 0))
+    run.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if run.device.type == "cuda":
+        torch.cuda.set_device(run.device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        keep_freed_memory()
+        # CPU validation runs FlexAttention eagerly (correct, just unfused); no need to say so at every run
+        warnings.filterwarnings("ignore", message=r".*flex_attention called without torch\.compile")
+    run.amp_dtype = autocast_dtype(args.dtype, run.device)
+    run.amp_ctx = (torch.autocast(run.device.type, dtype=run.amp_dtype) if run.amp_dtype
+                   else contextlib.nullcontext())
+    run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16)
+    run.use_compile = run.device.type == "cuda" if args.compile == "auto" else bool(args.compile)
+    if kernels is not None:
+        kernels.set_enabled(args.kernels)
+        kernels.pin_configs(run.world > 1)  # identical Muon updates on every rank
+    if run.world > 1:
+        dist.init_process_group("nccl" if run.device.type == "cuda" else "gloo")
+        if args.time_budget_s > 0:
+            run.clock_group = dist.new_group(backend="gloo")
+
+
+def autocast_dtype(flag, device):
+    """--dtype's autocast dtype (None: fp32). auto: bf16 from Ampere on, fp16 (with loss scaling) on older
+    GPUs (V100, RTX 20xx), fp32 on a CPU."""
+    if flag != "auto":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[flag]
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
+def check_inputs(run):
+    """The batch geometry, the data and the tracking flags, checked before anything is built; returns the
+    validation tokens (None with --val_tokens=0)."""
+    args = run.args
+    # a stage's batch = world x accumulation x device_batch_tokens; every stage a multiple of the first
+    if args.batch_tokens % (args.batch_stages * run.world):
+        raise SystemExit(f"error: --batch_tokens={args.batch_tokens} does not split into --batch_stages="
+                         f"{args.batch_stages} stages x {run.world} processes")
+    per_rank = args.batch_tokens // (args.batch_stages * run.world)  # the first stage's tokens per rank
+    row = args.seq_len if args.attention == "sdpa" else 1  # sdpa: micro-batches hold whole rows
+    T = args.device_batch_tokens
+    if T != "auto" and (per_rank % T or T % row):
+        rows = f" and be a multiple of --seq_len={row}" if row > 1 else ""
+        raise SystemExit(f"error: --device_batch_tokens={T} must divide the first batch stage's {per_rank} "
+                         f"tokens per process{rows}")
+    if args.val_tokens == 0 and args.stop_at_target:
+        raise SystemExit("error: --stop_at_target=1 needs validation: give --val_tokens > 0 "
+                         "(the benchmark's: 1048576)")
+    if args.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise SystemExit(f"error: --wandb_project={args.wandb_project} needs Weights & Biases: "
+                         "pip install wandb")
+    run.cache_file = compile_cache_file(args, run.device) if run.use_compile and args.compile_cache else None
+    if args.val_tokens == 0:
+        return None
+    check_train_is_not_val(args.train_files, args.val_files)
+    return load_val_tokens(args.val_files, args.val_tokens, args.vocab_size)
+
+
+def build_model(run):
+    """The model (a checkpoint's weights when resuming), the micro-batch when it is auto, the optimizers,
+    compile and DDP."""
+    args, device = run.args, run.device
+    torch.manual_seed(args.seed)
+    run.raw_model = GPT(GPTConfig.from_args(args)).to(device)
+    if run.ckpt is not None:
+        try:
+            run.raw_model.load_state_dict(run.ckpt["model"])
+        except RuntimeError as e:
+            lines = str(e).splitlines()
+            why = lines[1].strip() if len(lines) > 1 else e
+            raise SystemExit(f"error: --resume={args.resume}: its weights do not fit this model ({why}); "
+                             "resume without changing the model's shape flags") from None
+    # compiled code saved by an earlier run (--compile_cache), loaded before anything compiles
+    run.cache_note, run.cache_loaded = load_compile_cache(run.cache_file) if run.cache_file else (None, 0)
+    if args.device_batch_tokens == "auto":
+        args.device_batch_tokens = auto_device_batch_tokens(run)
+        if args.attention == "flex":
+            run.raw_model.config.seq_len = args.device_batch_tokens
+    run.optimizers = build_optimizers(run.raw_model, args, device)
+    if run.use_compile:  # compiled lazily, at the warm-up's first step
+        # each kind of block (value embeddings or not, an idea's own), in training and in evaluation, is an
+        # entry of Block.forward's one compile cache: room for 16, not Dynamo's default 8 (AFNO's two kinds
+        # fill 8)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+        run.raw_model.compile_regions()
+    run.model = run.raw_model
+    if run.world > 1:  # the rotary tables are built, not learned: no buffers to broadcast
+        device_ids = [device.index] if device.type == "cuda" else None
+        run.model = DDP(run.raw_model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def build_data(run, val_tokens):
+    """The training loader, and the validation tokens as streams of one micro-batch, each token counted once;
+    rank r takes every world-th stream."""
+    args, T = run.args, run.args.device_batch_tokens
+    if args.val_tokens % (T * run.world):  # (0 is a multiple: no validation)
+        raise SystemExit(f"error: --val_tokens={args.val_tokens} is not a multiple of --device_batch_tokens="
+                         f"{T} x {run.world} processes (validation streams are micro-batch sized)")
+    run.train_loader = DistributedDataLoader(args.train_files, T, run.rank, run.world, run.device,
+                                             args.vocab_size, args.doc_cap)
+    # no validation: no streams
+    val_tokens = np.zeros(1, dtype=np.int64) if val_tokens is None else val_tokens
+    run.val_inputs = torch.from_numpy(val_tokens[:-1]).view(-1, 1, T)[run.rank::run.world]
+    run.val_targets = torch.from_numpy(val_tokens[1:]).view(-1, 1, T)[run.rank::run.world]
+
+
+def restore_state(run):
+    """The run's counters, and when resuming, the optimizers, loss scaling, data position, RNG and counters.
+    """
+    run.state = dict(train_time=0.0, val_time=0.0, best_val_loss=math.inf, final_val_loss=None,
+                     time_to_target=None, tokens_seen=0, checkpoints=[])
+    ckpt = run.ckpt
+    if ckpt is None:
+        return
+    restore_optimizers(run.optimizers, ckpt["optimizers"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.train_loader.load_state_dict(ckpt["loader"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if run.device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    run.state.update(ckpt["state"])
+    run.start_step = ckpt["step"]
+    if run.master:  # a run killed while saving leaves a temp file beside its checkpoints
+        for stale in glob.glob(os.path.join(os.path.dirname(os.path.abspath(run.args.resume)), "*.pt.tmp")):
+            os.remove(stale)
+
+
+def open_log(run, argv):
+    """The run log: code, environment, settings, then the start-up lines; the step lines and the summary
+    follow. And the experiment tracker, with --wandb_project."""
+    args, device, T = run.args, run.device, run.args.device_batch_tokens
+    run.script_path = os.path.abspath(__file__)
+    script = os.path.splitext(os.path.basename(run.script_path))[0]
+    run.run_id = f"{script}_{datetime.datetime.now():%Y%m%d-%H%M%S}_{uuid.uuid4().hex[:6]}"
+    run.log = log = RunLog(os.path.join(args.log_dir, f"{run.run_id}.txt") if run.master else None)
+    log.write(f"# run {run.run_id}: {' '.join([os.path.basename(run.script_path)] + list(argv))}", echo=False)
+    run.script_sha = log.source(run.script_path)
+    for name in sorted(n for n in sys.modules if n == "kernels" or n.startswith("kernels.")):
+        if getattr(sys.modules[name], "__file__", None):
+            log.source(sys.modules[name].__file__)
+    log.write(f"==== environment ====\n{environment_report(device, run.world)}", echo=False)
+    log.write(f"==== hyperparameters ====\n{json.dumps(dataclasses.asdict(args))}", echo=False)
+    log.write("==== training ====", echo=False)
+    n_params = sum(p.numel() for p in run.raw_model.parameters())
+    accumulation = ", ".join(str(s // (T * run.world)) for s in stage_batches(args))
+    log.write(f"# {device_name(device)} x{run.world}  params {n_params / 1e6:.2f}M  dtype "
+              f"{run.amp_dtype or torch.float32}  compile {run.use_compile}  kernels "
+              f"{kernels is not None and args.kernels}  micro-batch {T} tokens x accumulation {accumulation} "
+              f"(batch stages {', '.join(map(str, stage_batches(args)))} tokens)  "
+              f"attention {args.attention}  log {log.path}")
+    if idea := run.raw_model.describe():  # an idea's own start-up facts (its extra FLOPs, its cache size)
+        log.write(f"# {idea}")
+    if run.ckpt is not None:
+        log.write(f"# resumed from {args.resume} at step {run.start_step}")
+    if run.cache_note:
+        log.write(f"# {run.cache_note}")
+    if args.wandb_project and run.master:
+        run.tracker = start_tracking(run)
+
+
+def cpu_copy(tree):
+    """A copy of every tensor in a state dict (nested dicts and lists), in CPU memory."""
+    copy = lambda t: t.detach().to("cpu", copy=True) if torch.is_tensor(t) else t  # noqa: E731
+    return torch.utils._pytree.tree_map(copy, tree)
+
+
+def compile_warmup(run):
+    """Compile outside the timed run: one real step (every training graph, and the optimizers' first step),
+    one evaluation forward (the evaluation graphs), then the weights, optimizers, data position and token
+    count put back as they were. The copies wait in CPU memory, not on the GPU (~1.1 GB at 124M), and are gone
+    once restored."""
+    from torch._dynamo.utils import counters
+    t_compile, graphs = time.perf_counter(), counters["stats"]["unique_graphs"]
+    saved = dict(model=cpu_copy(run.raw_model.state_dict()), scaler=run.scaler.state_dict(),
+                 optimizers=cpu_copy([o.state_dict() for o in run.optimizers]),
+                 loader=run.train_loader.state_dict(), tokens=run.state["tokens_seen"])
+    loss = float(train_step(run, run.start_step))  # float(): waits for the step, so its compiling is done
+    if len(run.val_inputs):  # --val_tokens=0 never evaluates
+        run.model.eval()
+        with torch.no_grad(), run.amp_ctx:
+            float(run.model(run.val_inputs[0].to(run.device), run.val_targets[0].to(run.device)))
+        run.model.train()
+    run.raw_model.load_state_dict(saved["model"])
+    for opt, state in zip(run.optimizers, saved["optimizers"]):
+        opt.load_state_dict(state)
+    run.scaler.load_state_dict(saved["scaler"])
+    run.train_loader.load_state_dict(saved["loader"])
+    run.state["tokens_seen"] = saved["tokens"]
+    del saved
+    run.state["compile_warmup"] = time.perf_counter() - t_compile
+    graphs = counters["stats"]["unique_graphs"] - graphs
+    evaluation = " and an evaluation forward" if len(run.val_inputs) else ""
+    run.log.write(f"# compile warm-up: a step (loss {loss:.4f}){evaluation} in "
+                  f"{run.state['compile_warmup']:.1f}s ({graphs} graphs compiled), excluded from train_time; "
+                  "weights, optimizers and data put back")
+    if run.cache_file and run.master:
+        run.log.write(f"# {save_compile_cache(run.cache_file, run.cache_loaded)}")
+
+
+def compile_cache_file(args, device):
+    """--compile_cache=DIR: DIR/<script>-<device>-torch<version>-triton<version>.bin. Compiled code serves
+    only the same GPU model (or CPU architecture), torch and Triton, so those name the file."""
+    if os.path.exists(args.compile_cache) and not os.path.isdir(args.compile_cache):
+        raise SystemExit(f"error: --compile_cache={args.compile_cache} is a file; give a folder (it is "
+                         "created if missing)")
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    script = os.path.splitext(os.path.basename(__file__))[0]
+    key = f"{script}-{device_name(device)}-torch{torch.__version__}-triton{triton_version}"
+    return os.path.join(args.compile_cache, re.sub(r"[^A-Za-z0-9.+_-]+", "_", key) + ".bin")
+
+
+def load_compile_cache(path):
+    """Load compiled code saved by an earlier run, if there is any for this machine: a warm start. A file that
+    does not load is a warning (the run compiles as usual), never an error. Returns (the note for the log,
+    entries)."""
+    if not os.path.exists(path):
+        others = sorted(glob.glob(os.path.join(os.path.dirname(path), "*.bin")))
+        held = ""
+        if others:
+            held = f" (it holds {len(others)} other file(s), e.g. {os.path.basename(others[0])})"
+        return (f"compile cache: nothing in {os.path.dirname(path) or '.'} for this script, device, torch "
+                f"and Triton{held}; compiling, then saving to {path}"), 0
+    try:  # torch returns None for a file it cannot read (a truncated one, another torch's format), saying why
+        with open(path, "rb") as f:
+            info = torch.compiler.load_cache_artifacts(f.read())
+    except Exception as e:
+        info = e
+    if info is None or isinstance(info, Exception):  # compiling from scratch is always correct
+        why = f" ({type(info).__name__}: {info})" if isinstance(info, Exception) else ""
+        warnings.warn(f"--compile_cache: {path} did not load{why}; compiling from scratch")
+        return f"compile cache: {path} did not load; compiling, then saving over it", 0
+    entries = sum(len(v) for v in info.artifacts.values())
+    return f"compile cache: loaded {entries} entries from {path}", entries
+
+
+def save_compile_cache(path, loaded):
+    """Save everything this process compiled (and loaded) to path, whole or not at all (a temp file, renamed).
+    """
+    from torch._dynamo.utils import counters
+    hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+    artifacts = torch.compiler.save_cache_artifacts()
+    if artifacts is None:
+        return f"compile cache: nothing to save to {path}"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        f.write(artifacts[0])
+    os.replace(path + ".tmp", path)
+    if loaded and misses:  # the file held code for another version of the script, or other settings
+        warnings.warn(f"--compile_cache: {misses} of {hits + misses} graphs were not in {path} (the script "
+                      "or its shape flags differ from the run that saved it); they compiled from scratch, "
+                      "and the file now holds them too")
+    return (f"compile cache: {hits} graphs found compiled, {misses} compiled anew; saved "
+            f"{len(artifacts[0]) / 1e6:.1f} MB to {path}")
+
+
+def load_checkpoint(path):
+    """A checkpoint written by this script, or a clear error that says what the file is and what to do."""
+    script = os.path.basename(__file__)
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "ckpt_step*.pt")))
+        hint = f", e.g. --resume={found[-1]}" if found else " (ckpt_step*.pt, written by --save_every)"
+        raise SystemExit(f"error: --resume={path} is a folder; pass a checkpoint file{hint}")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --resume={path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # pickle, zip and EOF errors all mean the same here: not a whole checkpoint
+        raise SystemExit(f"error: --resume={path} is not a readable checkpoint ({type(e).__name__}); it is "
+                         "truncated or corrupt: resume from an earlier ckpt_step*.pt") from None
+    if not isinstance(ckpt, dict) or not {"script", "args", "model", "optimizers", "step"} <= set(ckpt):
+        raise SystemExit(f"error: --resume={path} is not a train_gpt2*.py checkpoint (those come from "
+                         "--save_every)")
+    if ckpt["script"] != script:
+        raise SystemExit(f"error: --resume={path} was written by {ckpt['script']}, not {script}: resume it "
+                         f"with python {ckpt['script']} --resume={path}")
+    unknown = sorted(set(ckpt["args"]) - {f.name for f in dataclasses.fields(Hyperparameters)})
+    if unknown:
+        raise SystemExit(f"error: --resume={path} has settings this version of {script} does not know "
+                         f"({', '.join(unknown)}); resume it with the version of the script that wrote it "
+                         "(its run log holds the source)")
+    return ckpt
+
+
+def save_checkpoint(run, step):
+    """logs/<run_id>/ckpt_step<step>.pt: everything a resume needs. Written to a temp file and renamed, so it
+    is whole or absent, even if the run is killed while saving."""
+    path = os.path.join(run.args.log_dir, run.run_id, f"ckpt_step{step:06d}.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.exists(path):
+        raise SystemExit(f"error: {path} exists; checkpoints are never overwritten")
+    cuda = run.device.type == "cuda"
+    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if cuda else None)
+    try:
+        torch.save(dict(script=os.path.basename(run.script_path), step=step, rng=rng, state=run.state,
+                        model_config=dataclasses.asdict(run.raw_model.config),
+                        args=dataclasses.asdict(run.args),
+                        model=run.raw_model.state_dict(), optimizers=[o.state_dict() for o in run.optimizers],
+                        scaler=run.scaler.state_dict(), loader=run.train_loader.state_dict()), path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + ".tmp")
+        raise
+    run.state["checkpoints"].append([step, path])
+
+
+def restore_optimizers(optimizers, states):
+    """Load the optimizers' saved states (momenta, step counts), keeping the hyperparameters they have now: on
+    resume the flags given win over the checkpoint's lr, betas and weight decay."""
+    for opt, state in zip(optimizers, states):
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+        opt.load_state_dict(state)
+        for group, now in zip(opt.param_groups, settings):
+            group.update(now)
 
 
 def last_checkpoint(run):
     return run.state["checkpoints"][-1][1] if run.state["checkpoints"] else None
 
 
-def finish(run, steps):
-    """The summary line (also on an early stop or an interrupt), then an error exit if the run did not end well."""
-    args, state = run.args, run.state
-    finite = lambda v: v if v is not None and math.isfinite(v) else None  # noqa: E731  (JSON has no Infinity)
-    peak_gb = (torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda"
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9  # CPU: peak RSS
-    summary = dict(script=os.path.basename(run.script_path), script_sha256=run.script_sha,
-                   target_val_loss=args.target_val_loss, val_tokens=args.val_tokens,
-                   best_val_loss=finite(state["best_val_loss"]), final_val_loss=finite(state["final_val_loss"]),
-                   reached=state["time_to_target"] is not None, time_to_target_s=state["time_to_target"],
-                   train_time_s=state["train_time"], tokens_seen=state["tokens_seen"], steps=steps,
-                   peak_mem_gb=round(peak_gb, 3), device=device_name(run.device), world_size=run.world,
-                   run_id=run.run_id, compile_warmup_s=state.get("compile_warmup"), val_time_s=state["val_time"],
-                   stopped=run.stopped, last_checkpoint=last_checkpoint(run))
-    run.log.write(json.dumps({"summary": summary}, allow_nan=False))
-    if run.world > 1 and not run.interrupted:
-        dist.destroy_process_group()
-    if run.diverged:
-        raise SystemExit(f"error: stopped: {run.stopped}; last good checkpoint: {summary['last_checkpoint']}")
-    if run.interrupted:
-        raise SystemExit(128 + run.interrupted)  # the shell's convention for a process ended by a signal
-    return summary
+def pick_device_batch_tokens(per_rank, fits):
+    """The largest divisor of the per-rank tokens of the first batch stage for which fits(size) holds."""
+    for size in (b for b in range(per_rank, 0, -1) if per_rank % b == 0):
+        if fits(size):
+            return size
+    raise SystemExit("error: not even a tiny micro-batch fits in GPU memory; try "
+                     "--activation_checkpointing=1")
+
+
+def memory_stats(device):
+    """(peak bytes allocated since the last reset, the device's total bytes)."""
+    return torch.cuda.max_memory_allocated(device), torch.cuda.get_device_properties(device).total_memory
+
+
+def probe_fits(model, args, device, amp_ctx, size):
+    """Does a micro-batch of `size` tokens fit? One real forward+backward of the model that will train (the
+    compiled one when compile is on: its fused graph needs far less memory than eager's fp32 logits), plus
+    room for the optimizer states (at most two fp32 copies of the weights), within 90% of the device's memory.
+    """
+    idx = torch.randint(0, args.vocab_size, (1, size), device=device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with amp_ctx:
+            model(idx, idx).backward()
+        peak, total = memory_stats(device)
+    except torch.OutOfMemoryError:
+        peak, total = math.inf, 0
+    model.zero_grad(set_to_none=True)
+    optimizer_bytes = 8 * sum(p.numel() for p in model.parameters())
+    return peak + optimizer_bytes <= 0.9 * total
+
+
+def auto_device_batch_tokens(run):
+    """--device_batch_tokens=auto: the largest micro-batch that fits, agreed on by every rank (the smallest
+    rank's answer: ranks that ran different numbers of micro-steps would wait on each other forever)."""
+    args, model = run.args, run.raw_model
+    per_rank = args.batch_tokens // (args.batch_stages * run.world)  # the first stage's tokens per rank
+    row = args.seq_len if args.attention == "sdpa" else 1  # sdpa: whole rows
+    if run.device.type == "cuda" and run.use_compile:
+        model.compile_regions(dynamic=True)  # dynamic shapes: one compile serves every probed size
+
+    def fits(size):  # a CPU has no memory limit to probe: the largest
+        if run.device.type != "cuda":
+            return size % row == 0
+        return size % row == 0 and probe_fits(model, args, run.device, run.amp_ctx, size)
+    size = pick_device_batch_tokens(per_rank, fits)
+    if run.device.type == "cuda" and run.use_compile:
+        torch._dynamo.reset()
+    if run.world > 1:
+        agreed = torch.tensor(size, device=run.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # divisors of the same number: the minimum is one too
+        size = int(agreed.item())
+    return size
+
+
+def agreed_elapsed(run, elapsed):
+    """The training time the schedules and the time budget act on. On several processes every rank must take
+    the same LR and stop on the same step, so all act on rank 0's clock, broadcast on a CPU (gloo) group
+    without waiting: each step uses the value sent at the step before (one step old, the same on every rank).
+    """
+    if run.clock_group is None:
+        return elapsed
+    sent = torch.tensor([elapsed], dtype=torch.float64)
+    previous, run.clock = run.clock, (sent, dist.broadcast(sent, src=0, group=run.clock_group, async_op=True))
+    value, work = previous or run.clock  # the first step waits for its own value
+    work.wait()
+    return float(value)
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt(run):
+    """Ctrl-C and SIGTERM (a scheduler's kill) both end the loop the same way: a log line, a summary, no half
+    file."""
+    def interrupt(signum, frame):
+        run.interrupted = signum
+        raise KeyboardInterrupt
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+        previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in (previous or {}).items():
+            signal.signal(s, handler)
 
 
 @contextlib.contextmanager
 def errors_from_rank_zero():
-    """Under torchrun every rank hits the same bad input: rank 0 prints the message, the others exit quietly with
-    the same code (a SystemExit with a number prints nothing)."""
+    """Under torchrun every rank hits the same bad input: rank 0 prints the message, the others exit quietly
+    with the same code (a SystemExit with a number prints nothing)."""
     try:
         yield
     except SystemExit as e:
@@ -1450,15 +1663,70 @@ def device_name(device):
 
 
 def format_seconds(s):
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+    if s >= 3600:
+        return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+    return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
-def main(argv=None):
-    """Set-up, the training loop, the summary."""
-    with errors_from_rank_zero():
-        run = setup(sys.argv[1:] if argv is None else list(argv))
-        steps = train_loop(run)
-        return finish(run, steps)
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_freed_memory():
+    """On a Linux CPU, glibc hands every freed buffer over 32 MB back to the OS and page-faults it in again at
+    the next allocation, and CPU training frees ~100 MB of logits per op. Keeping freed memory for reuse makes
+    CPU runs several times faster, with the same numbers."""
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        libc = ctypes.CDLL(None)
+        never = 2**31 - 1  # bytes: no buffer is ever mmap-ed apart, nor trimmed away
+        for param, value in ((M_MMAP_THRESHOLD, never), (M_TRIM_THRESHOLD, never), (M_TOP_PAD, 512 * 2**20)):
+            libc.mallopt(param, value)
+
+
+def start_tracking(run):
+    """--wandb_project: a Weights & Biases run of rank 0 holding the settings; track() then logs every step
+    line's numbers and every validation, and finish() the summary. wandb is imported here only: without the
+    flag nothing is imported or contacted. With WANDB_MODE=offline it writes a local run folder
+    (wandb/offline-run-*), which `wandb sync` uploads later."""
+    import wandb
+    return wandb.init(project=run.args.wandb_project, name=run.args.wandb_run_name or run.run_id,
+                      config=dataclasses.asdict(run.args), dir=run.args.log_dir)
+
+
+def track(run, step, values):
+    """Log values (a step line's numbers, a validation) to the tracker at this step, if there is one."""
+    if run.tracker is not None:
+        run.tracker.log(values, step=step)
+
+
+def finish(run, steps):
+    """The summary line (also on an early stop or an interrupt), then an error exit if the run did not end
+    well."""
+    args, state = run.args, run.state
+    finite = lambda v: v if v is not None and math.isfinite(v) else None  # noqa: E731  (JSON has no Infinity)
+    peak_gb = (torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9  # CPU: peak RSS
+    summary = dict(script=os.path.basename(run.script_path), script_sha256=run.script_sha,
+                   target_val_loss=args.target_val_loss, val_tokens=args.val_tokens,
+                   best_val_loss=finite(state["best_val_loss"]),
+                   final_val_loss=finite(state["final_val_loss"]),
+                   reached=state["time_to_target"] is not None, time_to_target_s=state["time_to_target"],
+                   train_time_s=state["train_time"], tokens_seen=state["tokens_seen"], steps=steps,
+                   peak_mem_gb=round(peak_gb, 3), device=device_name(run.device), world_size=run.world,
+                   run_id=run.run_id, compile_warmup_s=state.get("compile_warmup"),
+                   val_time_s=state["val_time"], stopped=run.stopped, last_checkpoint=last_checkpoint(run))
+    run.log.write(json.dumps({"summary": summary}, allow_nan=False))
+    if run.tracker is not None:
+        run.tracker.summary.update(summary)
+        run.tracker.finish(exit_code=1 if run.diverged or run.interrupted else 0)
+    if run.world > 1 and not run.interrupted:
+        dist.barrier()  # every rank done with the group before one tears it down (gloo may abort a rank)
+        dist.destroy_process_group()
+    if run.diverged:
+        raise SystemExit(f"error: stopped: {run.stopped}; last good checkpoint: {summary['last_checkpoint']}")
+    if run.interrupted:
+        raise SystemExit(128 + run.interrupted)  # the shell's convention for a process ended by a signal
+    return summary
 
 
 if __name__ == "__main__":

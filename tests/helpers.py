@@ -11,8 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"  # offline proxy data (see README); tests skip without it
 SCRIPTS = sorted(ROOT.glob("train_gpt2*.py"))  # every idea script is covered as soon as it exists
 SECTION_RE = re.compile(r"^# ---- (\w+) ----$", re.M)
-IDEA_MARKER = "    # idea: this script's own fields follow"
-SECTION_ORDER = ["imports", "kernels", "muon", "model", "data", "hyperparameters", "train"]
+SECTION_ORDER = ["imports", "kernels", "muon", "model", "data", "hyperparameters", "train", "harness"]
 
 sys.path.insert(0, str(ROOT / "data"))
 import fineweb  # noqa: E402  (data/fineweb.py: the shard writer the tests use)
@@ -32,15 +31,10 @@ def sections(text):
 
 
 def shared_view(text):
-    """The parts of a script that must be identical across scripts: every section but `model`, and the
-    hyperparameters section without the idea's own fields (from IDEA_MARKER to the end of the class)."""
+    """The parts of a script that must be identical across scripts: every section but `model` (where an idea's own
+    flags are declared too, in IdeaFlags)."""
     parts = sections(text)
     parts.pop("model", None)
-    hp = parts.get("hyperparameters", "")
-    if IDEA_MARKER in hp:
-        head, tail = hp.split(IDEA_MARKER, 1)
-        tail = tail[tail.index("\n\n\n"):] if "\n\n\n" in tail else ""
-        parts["hyperparameters"] = head + IDEA_MARKER + tail
     return parts
 
 

@@ -39,7 +39,7 @@ def test_an_earlier_document_never_changes_a_later_one(script, grad):
     module = load_script(script)
     model = random_model(module, "--n_layer=4")
     moved = document_leaks(model, grad)
-    if getattr(module.GPT, "crosses_documents", False):  # a mixer that sees across documents by design (AFNO's FFT
+    if module.GPT.crosses_documents:  # a mixer that sees across documents by design (AFNO's FFT
         assert any(m > 1e-4 for m in moved.values()), moved  # over the stream): the declaration must be true
     else:
         assert all(m == 0.0 for m in moved.values()), moved

@@ -205,5 +205,5 @@ def test_124m_parameters_and_head_flops_against_the_full_softmax():
     ("--lightrnn_count_tokens=-5", r"error: --lightrnn_count_tokens=-5: expected an integer >= 0"),
 ])
 def test_bad_lightrnn_flags_are_clear_errors(flag, message):
-    with pytest.raises(SystemExit, match=message):
-        build(flag)
+    with pytest.raises(SystemExit, match=message):  # IdeaFlags.check(), when the flags are parsed
+        lightrnn.parse_args(["--preset=tiny", "--vocab_size=512", flag])

@@ -224,8 +224,9 @@ def test_schedule_sets_the_weight_buffer_and_the_windows_in_place(schedule, zero
 @pytest.mark.parametrize("flags", [["--mtp_weight_schedule=step"], ["--mtp_weight_zero_at=0"], ["--mtp_depth=-1"],
                                    ["--mtp_depth=24"], ["--attention=sdpa", "--seq_len=8", "--mtp_depth=8"]])
 def test_bad_mtp_flags_are_errors(flags):
-    args, _ = mtp.parse_args(["--preset=tiny", "--device_batch_tokens=24", *flags])  # 24-token streams
+    """A flag's own range when the flags are parsed; a depth the stream cannot hold when the model's config is."""
     with pytest.raises(SystemExit, match="error: --mtp_"):
+        args, _ = mtp.parse_args(["--preset=tiny", "--device_batch_tokens=24", *flags])  # 24-token streams
         mtp.GPTConfig.from_args(args)
 
 

@@ -204,6 +204,10 @@ def test_command_line_prints_text(checkpoint):
     samples = out.stdout.split("\n" + "-" * 40 + "\n")
     assert len(samples) == 2 and all(s.startswith("a") and len(s.strip()) > 1 for s in samples), out.stdout
     assert "train_gpt2.py step 6" in out.stderr and "KV cache" in out.stderr
+    recompute = subprocess.run(cmd + ["--no_cache"], capture_output=True, text=True, timeout=120)
+    assert recompute.returncode == 0 and recompute.stdout == out.stdout, recompute.stderr  # the same samples
+    for run in (out, recompute):  # FlexAttention's debug notice is for its developers, not for sampling
+        assert "flex_attention called without torch.compile" not in run.stderr
     bad = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--checkpoint", __file__],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "error:" in bad.stderr and "not a readable PyTorch checkpoint" in bad.stderr

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -472,8 +471,8 @@ def _agree_worker(rank, store_path, out_dir):
     module = load_script(ROOT / "train_gpt2.py")
     module.pick_device_batch_tokens = lambda per_rank, fits: [8, 2][rank]  # each rank's own probe disagrees
     args, _ = module.parse_args([])
-    run = types.SimpleNamespace(device=torch.device("cpu"), use_compile=False, world=2)
-    size = module.auto_device_batch_tokens(None, args, run, 16)
+    run = module.Run(args=args, device=torch.device("cpu"), use_compile=False, world=2)
+    size = module.auto_device_batch_tokens(run)
     (Path(out_dir) / f"rank{rank}").write_text(str(size))
     dist.destroy_process_group()
 
