@@ -1,6 +1,8 @@
 """Shared by the tests: find and import the train scripts, build token shards, run a script, read its log."""
 import json
+import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -185,3 +187,16 @@ def replay(module, flags, replay_flags, log_dir, reference=True):
         replays.append(losses)
     replays += [[None] * len(records)] * (2 - len(replays))
     return [(r["what"], r["loss"], a, b) for r, a, b in zip(records, *replays)], summary
+
+
+def without_file_permission_bypass(cmd):
+    """cmd, run so that file modes apply to it. Root reads a mode-000 file anyway (CAP_DAC_OVERRIDE): as root,
+    the command runs under setpriv with the two capabilities that bypass file modes dropped from its bounding
+    set (it stays uid 0, so it can still use the test's own files)."""
+    if os.geteuid() != 0:
+        return list(cmd)
+    if shutil.which("setpriv") is None:
+        import pytest
+        pytest.skip("running as root without setpriv (util-linux): cannot drop the capability that ignores file "
+                    "modes")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *cmd]
