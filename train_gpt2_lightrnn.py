@@ -40,6 +40,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import typing
@@ -152,13 +153,13 @@ class IdeaFlags:
         """Stop with a one-line error naming the first bad flag, its value and what is allowed (the shared
         flags' limits are LIMITS, in the harness). Runs for the flags given and for a checkpoint's saved
         config."""
-        if not 0 <= self.lightrnn_rows <= self.vocab_size:
-            raise SystemExit(f"error: --lightrnn_rows={self.lightrnn_rows}: expected an integer in [0, "
-                             f"--vocab_size={self.vocab_size}] (0: auto, ceil(sqrt(vocab_size))); fix "
-                             "--lightrnn_rows")
-        if self.lightrnn_count_tokens < 0:
-            raise SystemExit(f"error: --lightrnn_count_tokens={self.lightrnn_count_tokens}: expected an "
-                             "integer >= 0 (0: place ids in id order); fix --lightrnn_count_tokens")
+        for flag, ok, expected in (
+                ("lightrnn_rows", 0 <= self.lightrnn_rows <= self.vocab_size,
+                 f"an integer in [0, --vocab_size={self.vocab_size}] (0: auto, ceil(sqrt(vocab_size)))"),
+                ("lightrnn_count_tokens", self.lightrnn_count_tokens >= 0,
+                 "an integer >= 0 (0: place ids in id order)")):
+            if not ok:
+                raise SystemExit(f"error: --{flag}={getattr(self, flag)}: expected {expected}")
 
 
 @dataclass
@@ -581,11 +582,32 @@ def check_token_ids(tokens, vocab_size, path):
                          f"another tokenizer's ids or is corrupt: {SHARD_FIX}, or raise --vocab_size")
 
 
+def file_problem(path):
+    """What stops this process reading the file at path, or None."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"is a dangling symlink (to {os.readlink(path)})"
+    if os.path.isdir(path):
+        return "is a folder"
+    try:
+        open(path, "rb").close()
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    return None
+
+
 def find_shards(pattern, flag):
-    """Sorted files matching a glob (relative globs also tried beside this script), or a clear error."""
+    """Sorted files matching a glob (relative globs also tried beside this script), each readable, or a
+    clear error."""
+    if not pattern:  # a glob of "" would match this script's folder
+        raise SystemExit(f"error: --{flag}= is empty: give a glob of token shards, e.g. --{flag}="
+                         f"{getattr(Hyperparameters, flag)}")
     files = sorted(glob.glob(pattern))
     if not files and not os.path.isabs(pattern):
         files = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), pattern)))
+    for f in files:
+        if problem := file_problem(f):
+            hint = f"; give a glob of the shards in it, e.g. --{flag}={f}/*.bin" if os.path.isdir(f) else ""
+            raise SystemExit(f"error: --{flag}={pattern}: {f} {problem}{hint}")
     if not files:
         raise SystemExit(f"error: no files match --{flag}={pattern}\n"
                          "  FineWeb: python data/fineweb.py --shards 8 (the val shard and 8 x 100M train "
@@ -612,13 +634,14 @@ class DistributedDataLoader:
     tokens (2025-09-03 record; 0: uncut), one after another. A micro-step takes the next world * T tokens of
     that stream (+1 for the last target) and rank r the r-th slice of T, so a step's data is the same for any
     split into ranks x accumulation steps. The position (shard, document, offset) is saved in checkpoints.
-    Each shard's token ids are checked against vocab_size when it is opened."""
+    Every shard's header and token ids are checked up front: a bad shard is an error before the first step,
+    not hours in (one pass over memmaps: docs/data.md gives the time)."""
 
     def __init__(self, pattern, T, rank, world, device, vocab_size=None, doc_cap=0):
         self.files = find_shards(pattern, "train_files")
         self.T, self.rank, self.world, self.device = T, rank, world, device
-        self.vocab_size, self.doc_cap = vocab_size, doc_cap
-        if sum(len(read_shard(f)) for f in self.files) == 0:  # also checks every header up front
+        self.doc_cap = doc_cap
+        if sum(len(read_shard(f, vocab_size)) for f in self.files) == 0:
             raise SystemExit(f"error: the shards of --train_files={pattern} hold no tokens")
         self.shard = None
         self.load_state_dict({"shard": 0, "doc": 0, "offset": 0})
@@ -628,7 +651,7 @@ class DistributedDataLoader:
 
     def load_state_dict(self, state):
         if state["shard"] != self.shard:
-            self.tokens = read_shard(self.files[state["shard"]], self.vocab_size)
+            self.tokens = read_shard(self.files[state["shard"]])
             starts = np.flatnonzero(self.tokens == EOT)
             if len(starts) == 0 or starts[0] != 0:  # a shard may begin inside a document
                 starts = np.concatenate(([0], starts))
@@ -723,6 +746,7 @@ class Hyperparameters(IdeaFlags):
     target_val_loss: float = 3.3821  # the run has reached the target when val_loss <= this
     stop_at_target: bool = False  # stop at the first validation that reaches the target
     time_budget_s: float = 0.0  # end after this training time, LR cooled down by then (0: off; for races)
+    diverge_steps: int = 20  # stop when this many steps running are 2 over the best loss or ~uniform (0: off)
     # system
     compile: int | str = "auto"  # torch.compile the model's blocks: 1, 0, or auto (on for CUDA, off for CPU)
     compile_cache: str = ""  # a folder: load compiled code from it before compiling, save it there after
@@ -732,7 +756,7 @@ class Hyperparameters(IdeaFlags):
     seed: int = 0  # weight initialisation (the data order is fixed by the shards)
     log_dir: str = "logs"  # logs/<run_id>.txt and checkpoints in logs/<run_id>/
     save_every: int = 0  # checkpoint every this many steps and at the end (0: never)
-    resume: str = ""  # checkpoint to continue from; its settings apply unless given as flags
+    resume: str = ""  # checkpoint to continue from: its settings, then --preset if given, then the flags
     # experiment tracking
     wandb_project: str = ""  # log to this Weights & Biases project from rank 0 (needs pip install wandb)
     wandb_run_name: str = ""  # the W&B run's name (default: the run id)
@@ -786,9 +810,11 @@ class Run:
     cache_file: str | None = None  # --compile_cache's file for this script, device, torch and Triton
     cache_note: str | None = None  # what loading it found, for the log
     cache_loaded: int = 0  # entries loaded from it
+    notes: list = dataclasses.field(default_factory=list)  # start-up facts for the log (a clamp, a preset)
     stopped: str | None = None  # why the loop ended early
-    diverged: bool = False  # a non-finite loss stopped it
+    error: str | None = None  # the error line that stopped it (a diverged loss, a failed write): exit 1
     interrupted: int | None = None  # the signal (SIGINT, SIGTERM) that stopped it
+    bad_steps: int = 0  # steps running whose loss looked diverged (see diverged())
 
 
 def run_progress(step, args, elapsed=0.0):
@@ -927,16 +953,22 @@ class StepRecord:
 
 def log_step(run, record, t0):
     """The step line of a step taken, its clock read when the step was done (t0: when the clock last started;
-    None when it has stopped), or the stop on a non-finite loss."""
+    None when it has stopped), or the stop on a non-finite or diverged loss."""
     args, state = run.args, run.state
     values = record.read()
     train_loss, step = values.pop("train_loss"), record.step
-    # the weights after step - 1 updates are bad: so is a checkpoint of them
-    if not math.isfinite(train_loss):
-        state["checkpoints"] = [c for c in state["checkpoints"] if c[0] < step - 1]
-        run.stopped, run.diverged = f"train_loss is {train_loss} at step {step}", True
-        run.log.write(f"error: {run.stopped}; stopping. Last good checkpoint: {last_checkpoint(run)}; "
-                      "resume from it with a lower LR")
+    finite = math.isfinite(train_loss)
+    if not finite or diverged(run, train_loss, step):
+        first_bad = step - run.bad_steps + 1 if finite else step
+        # the weights after first_bad - 1 updates gave a bad loss: a checkpoint of them is bad too
+        state["checkpoints"] = [c for c in state["checkpoints"] if c[0] < first_bad - 1]
+        run.stopped = (f"train_loss is {train_loss} at step {step}" if not finite else
+                       f"train_loss diverged at step {first_bad} ({train_loss:.4f} at step {step}, "
+                       f"{run.bad_steps} steps running 2 over its best or no better than uniform)")
+        good = last_checkpoint(run)
+        again = f"resume from {good}" if good else "no good checkpoint was saved: start again"
+        run.error = f"error: stopped: {run.stopped}; {again} with {lower_lr_flags(args)}"
+        run.log.write(run.error)
         return
     now = state["train_time"] + (record.done_at - t0 if t0 is not None else 0.0)
     step_ms, kilo_tok_per_s = 1000 * now / step, record.tokens_seen / now / 1000
@@ -951,63 +983,96 @@ def log_step(run, record, t0):
                   f"eta:{format_seconds(max(0.0, eta))}{idea_stats}")
 
 
+def diverged(run, loss, step):
+    """Has the loss diverged? A step's loss is bad when it is no better than guessing uniformly (above
+    ln(vocab_size) - 0.1: where a blown-up model sits, the softcap keeping its loss finite) or 2 nats over the
+    best so far; diverge_steps bad steps running, after the LR warm-up, are a divergence. A healthy run is
+    below both within a few steps and never 2 over its best for long."""
+    args, state = run.args, run.state
+    state["best_train_loss"] = min(state["best_train_loss"], loss)
+    bad = loss > min(math.log(args.vocab_size) - 0.1, state["best_train_loss"] + 2.0)
+    run.bad_steps = run.bad_steps + 1 if bad and step > args.warmup_steps else 0
+    return 0 < args.diverge_steps <= run.bad_steps
+
+
+def lower_lr_flags(args):
+    """What to lower after a divergence: the learning rates set above their defaults, or all of them."""
+    flags = ["muon_lr", "embed_lr", "head_lr", "scalar_lr"]
+    raised = [f for f in flags if getattr(args, f) > getattr(Hyperparameters, f)] or flags
+    return "lower " + ", ".join(f"--{f}={getattr(args, f):g} (default {getattr(Hyperparameters, f):g})"
+                                for f in raised)
+
+
 def train_loop(run):
     """The steps, validation every val_every, checkpoints every save_every, and the training clock, which
     stops for both and at the end. Sets run.stopped (why the run ended early) and returns the number of steps
     taken. A step's line is written once the next step is queued, so the host never waits for the GPU between
-    steps."""
+    steps. Ctrl-C and SIGTERM arrive as KeyboardInterrupt (signals_interrupt(), around main())."""
     args, state, log = run.args, run.state, run.log
     done, t0 = run.start_step, time.perf_counter()  # done: optimizer steps taken, whenever an interrupt lands
     pending = None  # the StepRecord of the last step, not yet logged
+    if run.stopped:  # interrupted in the compile warm-up
+        return done
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     try:
-        with stop_signals_interrupt(run):
-            for step in range(run.start_step, args.num_iterations + 1):
-                elapsed = agreed_elapsed(run, state["train_time"] + time.perf_counter() - t0)
-                last = step == args.num_iterations or 0 < args.time_budget_s <= elapsed
-                every = args.val_every > 0 and step % args.val_every == 0
-                validate = args.val_tokens > 0 and (last or every)
-                save = args.save_every > 0 and step > 0 and (last or step % args.save_every == 0)
-                # the step line first: a NaN there must stop a save
-                if pending and (validate or save or last):
-                    pending = log_step(run, pending, t0)
-                    if run.diverged:
-                        break
-                if (validate or save or last) and (step > run.start_step or run.ckpt is None):
-                    if run.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    # the clock stops for validation and checkpoints, and at the end
-                    if step > run.start_step:
-                        state["train_time"] += time.perf_counter() - t0
-                    t0 = None
-                    if validate:
-                        validation(run, step)
-                    if run.master and (save or run.stopped and args.save_every > 0):
-                        save_checkpoint(run, step)
-                    t0 = time.perf_counter()
-                if last or run.stopped:
+        for step in range(run.start_step, args.num_iterations + 1):
+            elapsed = agreed_elapsed(run, state["train_time"] + time.perf_counter() - t0)
+            last = step == args.num_iterations or 0 < args.time_budget_s <= elapsed
+            every = args.val_every > 0 and step % args.val_every == 0
+            validate = args.val_tokens > 0 and (last or every)
+            save = args.save_every > 0 and step > 0 and (last or step % args.save_every == 0)
+            # the step line first: a NaN there must stop a save
+            if pending and (validate or save or last):
+                pending = log_step(run, pending, t0)
+                if run.error:
                     break
-                loss = train_step(run, step, elapsed)
-                done = step + 1
-                if pending:
-                    pending = log_step(run, pending, t0)
-                    if run.diverged:
-                        break
-                pending = StepRecord(run, done, loss)
-            if run.diverged:  # the clock stops here too
-                state["train_time"] += time.perf_counter() - t0
-    except KeyboardInterrupt:
+            if (validate or save or last) and (step > run.start_step or run.ckpt is None):
+                if run.device.type == "cuda":
+                    torch.cuda.synchronize()
+                # the clock stops for validation and checkpoints, and at the end
+                if step > run.start_step:
+                    state["train_time"] += time.perf_counter() - t0
+                t0 = None
+                if validate:
+                    validation(run, step)
+                if run.master and (save or run.stopped and args.save_every > 0):
+                    save_checkpoint(run, step)
+                t0 = time.perf_counter()
+            if last or run.stopped:
+                break
+            loss = train_step(run, step, elapsed)
+            done = step + 1
+            if pending:
+                pending = log_step(run, pending, t0)
+                if run.error:
+                    break
+            pending = StepRecord(run, done, loss)
+        if run.error:  # the clock stops here too
+            state["train_time"] += time.perf_counter() - t0
+    except KeyboardInterrupt as e:
         if t0 is not None:
             state["train_time"] += time.perf_counter() - t0
-        run.interrupted = run.interrupted or signal.SIGINT  # a KeyboardInterrupt outside our handler: Ctrl-C
-        run.stopped = f"interrupted ({signal.Signals(run.interrupted).name}) at step {done}"
         if pending:  # the clock has stopped: its line reads train_time
             log_step(run, pending, None)
-        log.write(f"{run.stopped}; last checkpoint: {last_checkpoint(run)}")
+        note_interrupt(run, e, f"at step {done}")
+    except WriteError as e:  # a full disk, a lost mount: the log or a checkpoint could not be written
+        if t0 is not None:
+            state["train_time"] += time.perf_counter() - t0
+        run.stopped = f"{e} at step {done}"
+        run.error = f"error: stopped: {run.stopped}; last checkpoint: {last_checkpoint(run)}"
+        with contextlib.suppress(WriteError):  # the log itself may be what cannot be written
+            log.write(run.error, echo=False)
     if run.clock is not None:  # the last broadcast must end before the process group does
         run.clock[1].wait()
     return done
+
+
+def note_interrupt(run, interrupt, when):
+    """Ctrl-C or SIGTERM after the log opened: the interrupted line (then finish() writes the summary)."""
+    run.interrupted = getattr(interrupt, "signum", signal.SIGINT)  # a bare KeyboardInterrupt: Ctrl-C
+    run.stopped = f"interrupted ({signal.Signals(run.interrupted).name}) {when}"
+    run.log.write(f"{run.stopped}; last checkpoint: {last_checkpoint(run)}")
 
 
 def validation(run, step):
@@ -1029,7 +1094,7 @@ def validation(run, step):
 
 def main(argv=None):
     """Set-up, the training loop, the summary."""
-    with errors_from_rank_zero():
+    with errors_from_rank_zero(), signals_interrupt():
         run = setup(sys.argv[1:] if argv is None else list(argv))
         steps = train_loop(run)
         return finish(run, steps)
@@ -1079,6 +1144,7 @@ LIMITS = {
     "val_tokens": (at_least(0), "an integer >= 0 (0: no validation)"),
     "target_val_loss": (math.isfinite, "a finite number"),
     "time_budget_s": (at_least(0), "a number of seconds >= 0 (0: off)"),
+    "diverge_steps": (at_least(0), "an integer >= 0 (0: never stop on a diverged loss)"),
     "compile": (lambda v: v in (0, 1, "auto"), "0, 1 or auto"),
     "dtype": (lambda v: v in ("auto", "bf16", "fp16", "fp32"), "auto, bf16, fp16 or fp32"),
     "save_every": (at_least(0), "an integer >= 0 (0: never)"),
@@ -1093,6 +1159,9 @@ def check_args(args):
         if not allowed(value):
             raise SystemExit(f"error: --{name}={value}: expected {what}")
     # rotary: turning and still channel pairs
+    if args.n_embd % 4:
+        raise SystemExit(f"error: --n_embd={args.n_embd}: expected a multiple of 4 (heads of a multiple of 4 "
+                         f"channels, for rotary), e.g. --n_embd={args.n_embd // 4 * 4 or 4}")
     if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 4:
         divisors = [h for h in range(1, args.n_embd + 1)
                     if args.n_embd % h == 0 and (args.n_embd // h) % 4 == 0]
@@ -1158,29 +1227,52 @@ def parse_args(argv):
 
 def setup(argv):
     """Everything before the first step, in order. Every bad input is an error here, before anything is
-    written."""
-    args, ckpt = resolve_flags(argv)
-    run = Run(args=args, ckpt=ckpt)
-    start_processes(run)
-    val_tokens = check_inputs(run)
-    build_model(run)
-    build_data(run, val_tokens)
-    restore_state(run)
-    open_log(run, argv)
+    written. An interrupt before the log is whole leaves nothing; one in the compile warm-up, the interrupted
+    line and (from finish()) the summary."""
+    try:
+        args, ckpt, notes = resolve_flags(argv)
+        run = Run(args=args, ckpt=ckpt, notes=notes)
+        start_processes(run)
+        val_tokens = check_inputs(run)
+        build_model(run)
+        build_data(run, val_tokens)
+        restore_state(run)
+        open_log(run, argv)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: interrupted ({signal.Signals(signum).name}) during start-up; nothing was written",
+                  file=sys.stderr)
+        raise SystemExit(128 + signum) from None
     if run.use_compile:
-        compile_warmup(run)
+        try:
+            compile_warmup(run)
+        except KeyboardInterrupt as e:
+            note_interrupt(run, e, "in the compile warm-up")
     return run
 
 
 def resolve_flags(argv):
-    """(settings, checkpoint or None): the preset, then a resumed checkpoint's settings, then the flags given.
-    """
+    """(settings, checkpoint or None, start-up notes): the preset, then the flags given; when resuming, the
+    checkpoint's settings, then the preset if one is given, then the flags given."""
     args, given = parse_args(argv)
-    ckpt = None
-    if args.resume:  # the checkpoint's settings, overridden by the flags given now
+    ckpt, notes = None, []
+    if args.resume:
         ckpt = load_checkpoint(args.resume)
-        args = check_args(Hyperparameters(**{**ckpt["args"], **given}))
-    return args, ckpt
+        preset = PRESETS[given["preset"]] if "preset" in given else {}
+        args = check_args(Hyperparameters(**{**ckpt["args"], **preset, **given}))
+        if preset:
+            notes.append(f"--preset={given['preset']} applied over the checkpoint's settings, then the flags "
+                         "given")
+    if args.value_embeds > args.n_layer // 2:  # the first and the last value_embeds layers each get a table
+        if "value_embeds" in given:
+            raise SystemExit(f"error: --value_embeds={args.value_embeds}: at most --n_layer={args.n_layer} "
+                             f"// 2 = {args.n_layer // 2} (tables for the first and the last that many "
+                             "layers)")
+        notes.append(f"value_embeds {args.value_embeds} -> {args.n_layer // 2}: --n_layer={args.n_layer} has "
+                     f"room for {args.n_layer // 2} at each end")
+        args.value_embeds = args.n_layer // 2
+    return args, ckpt, notes
 
 
 def start_processes(run):
@@ -1211,6 +1303,28 @@ def start_processes(run):
             run.clock_group = dist.new_group(backend="gloo")
 
 
+def folder_problem(path):
+    """What stops this process writing into the folder at path (made if missing), or None. Found without
+    leaving anything behind: a probe folder, made and removed, in the folder or its nearest existing parent.
+    """
+    if not path:
+        return "is empty"
+    folder = os.path.abspath(path)
+    while not os.path.lexists(folder):
+        folder = os.path.dirname(folder)
+    if os.path.islink(folder) and not os.path.exists(folder):
+        return f"is or lies under a dangling symlink ({folder} -> {os.readlink(folder)})"
+    if not os.path.isdir(folder):
+        return "is a file" if folder == os.path.abspath(path) else f"cannot be made: {folder} is a file"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=folder))
+    except OSError as e:
+        if folder == os.path.abspath(path):
+            return f"cannot be written ({e.strerror})"
+        return f"cannot be made in {folder} ({e.strerror})"
+    return None
+
+
 def autocast_dtype(flag, device):
     """--dtype's autocast dtype (None: fp32). auto: bf16 from Ampere on, fp16 (with loss scaling) on older
     GPUs (V100, RTX 20xx), fp32 on a CPU."""
@@ -1239,6 +1353,11 @@ def check_inputs(run):
     if args.val_tokens == 0 and args.stop_at_target:
         raise SystemExit("error: --stop_at_target=1 needs validation: give --val_tokens > 0 "
                          "(the benchmark's: 1048576)")
+    folders = ("log_dir", "compile_cache") if run.use_compile and args.compile_cache else ("log_dir",)
+    for flag in folders:
+        if problem := folder_problem(getattr(args, flag)):
+            raise SystemExit(f"error: --{flag}={getattr(args, flag)} {problem}; give a folder this process "
+                             "can write to (it is made if missing)")
     if args.wandb_project and importlib.util.find_spec("wandb") is None:
         raise SystemExit(f"error: --wandb_project={args.wandb_project} needs Weights & Biases: "
                          "pip install wandb")
@@ -1301,7 +1420,7 @@ def restore_state(run):
     """The run's counters, and when resuming, the optimizers, loss scaling, data position, RNG and counters.
     """
     run.state = dict(train_time=0.0, val_time=0.0, best_val_loss=math.inf, final_val_loss=None,
-                     time_to_target=None, tokens_seen=0, checkpoints=[])
+                     time_to_target=None, tokens_seen=0, checkpoints=[], best_train_loss=math.inf)
     ckpt = run.ckpt
     if ckpt is None:
         return
@@ -1313,6 +1432,8 @@ def restore_state(run):
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
     run.state.update(ckpt["state"])
     run.start_step = ckpt["step"]
+    if ckpt["step"] not in [step for step, _ in run.state["checkpoints"]]:  # saved before its own path was
+        run.state["checkpoints"].append([ckpt["step"], run.args.resume])
     if run.master:  # a run killed while saving leaves a temp file beside its checkpoints
         for stale in glob.glob(os.path.join(os.path.dirname(os.path.abspath(run.args.resume)), "*.pt.tmp")):
             os.remove(stale)
@@ -1320,35 +1441,58 @@ def restore_state(run):
 
 def open_log(run, argv):
     """The run log: code, environment, settings, then the start-up lines; the step lines and the summary
-    follow. And the experiment tracker, with --wandb_project."""
+    follow. And the experiment tracker, with --wandb_project. A log that fails or is interrupted part-way is
+    removed."""
     args, device, T = run.args, run.device, run.args.device_batch_tokens
     run.script_path = os.path.abspath(__file__)
     script = os.path.splitext(os.path.basename(run.script_path))[0]
     run.run_id = f"{script}_{datetime.datetime.now():%Y%m%d-%H%M%S}_{uuid.uuid4().hex[:6]}"
-    run.log = log = RunLog(os.path.join(args.log_dir, f"{run.run_id}.txt") if run.master else None)
-    log.write(f"# run {run.run_id}: {' '.join([os.path.basename(run.script_path)] + list(argv))}", echo=False)
-    run.script_sha = log.source(run.script_path)
-    for name in sorted(n for n in sys.modules if n == "kernels" or n.startswith("kernels.")):
-        if getattr(sys.modules[name], "__file__", None):
-            log.source(sys.modules[name].__file__)
-    log.write(f"==== environment ====\n{environment_report(device, run.world)}", echo=False)
-    log.write(f"==== hyperparameters ====\n{json.dumps(dataclasses.asdict(args))}", echo=False)
-    log.write("==== training ====", echo=False)
-    n_params = sum(p.numel() for p in run.raw_model.parameters())
-    accumulation = ", ".join(str(s // (T * run.world)) for s in stage_batches(args))
-    log.write(f"# {device_name(device)} x{run.world}  params {n_params / 1e6:.2f}M  dtype "
-              f"{run.amp_dtype or torch.float32}  compile {run.use_compile}  kernels "
-              f"{kernels is not None and args.kernels}  micro-batch {T} tokens x accumulation {accumulation} "
-              f"(batch stages {', '.join(map(str, stage_batches(args)))} tokens)  "
-              f"attention {args.attention}  log {log.path}")
-    if idea := run.raw_model.describe():  # an idea's own start-up facts (its extra FLOPs, its cache size)
-        log.write(f"# {idea}")
-    if run.ckpt is not None:
-        log.write(f"# resumed from {args.resume} at step {run.start_step}")
-    if run.cache_note:
-        log.write(f"# {run.cache_note}")
-    if args.wandb_project and run.master:
-        run.tracker = start_tracking(run)
+    try:
+        run.log = log = RunLog(os.path.join(args.log_dir, f"{run.run_id}.txt") if run.master else None)
+        log.write(f"# run {run.run_id}: {' '.join([os.path.basename(run.script_path)] + list(argv))}",
+                  echo=False)
+        run.script_sha = log.source(run.script_path)
+        for name in sorted(n for n in sys.modules if n == "kernels" or n.startswith("kernels.")):
+            if getattr(sys.modules[name], "__file__", None):
+                log.source(sys.modules[name].__file__)
+        log.write(f"==== environment ====\n{environment_report(device, run.world)}", echo=False)
+        log.write(f"==== hyperparameters ====\n{json.dumps(dataclasses.asdict(args))}", echo=False)
+        log.write("==== training ====", echo=False)
+        n_params = sum(p.numel() for p in run.raw_model.parameters())
+        accumulation = ", ".join(str(s // (T * run.world)) for s in stage_batches(args))
+        log.write(f"# {device_name(device)} x{run.world}  params {n_params / 1e6:.2f}M  dtype "
+                  f"{run.amp_dtype or torch.float32}  compile {run.use_compile}  kernels "
+                  f"{kernels_in_use(args, device)}  micro-batch {T} tokens x accumulation {accumulation} "
+                  f"(batch stages {', '.join(map(str, stage_batches(args)))} tokens)  "
+                  f"attention {args.attention}  log {log.path}")
+        if idea := run.raw_model.describe():  # an idea's own start-up facts (its extra FLOPs, its cache size)
+            log.write(f"# {idea}")
+        if run.ckpt is not None:
+            log.write(f"# resumed from {args.resume} at step {run.start_step}")
+        for note in run.notes + ([run.cache_note] if run.cache_note else []):
+            log.write(f"# {note}")
+        if args.wandb_project and run.master:
+            run.tracker = start_tracking(run)
+    except BaseException as e:
+        if run.log is not None:
+            run.log.remove()
+        if isinstance(e, WriteError):
+            raise SystemExit(f"error: {e}; nothing was kept: free some space or give another "
+                             "--log_dir") from None
+        raise
+
+
+def kernels_in_use(args, device):
+    """What --kernels makes run, for the start-up line: Triton needs the flag, Triton itself and a GPU (or,
+    on a CPU, Triton's interpreter)."""
+    if not args.kernels:
+        return "off"
+    if kernels is None:
+        return "off (--kernels=1, but kernels/ is not beside this script: PyTorch ops)"
+    if not kernels.use_triton(torch.empty(0, device=device)):
+        why = "Triton is not installed" if not kernels.HAS_TRITON else "there is no GPU"
+        return f"off (--kernels=1, but {why}: PyTorch ops)"
+    return "triton" if device.type == "cuda" else "triton (interpreter)"
 
 
 def cpu_copy(tree):
@@ -1393,9 +1537,6 @@ def compile_warmup(run):
 def compile_cache_file(args, device):
     """--compile_cache=DIR: DIR/<script>-<device>-torch<version>-triton<version>.bin. Compiled code serves
     only the same GPU model (or CPU architecture), torch and Triton, so those name the file."""
-    if os.path.exists(args.compile_cache) and not os.path.isdir(args.compile_cache):
-        raise SystemExit(f"error: --compile_cache={args.compile_cache} is a file; give a folder (it is "
-                         "created if missing)")
     try:
         import triton
         triton_version = triton.__version__
@@ -1438,10 +1579,15 @@ def save_compile_cache(path, loaded):
     artifacts = torch.compiler.save_cache_artifacts()
     if artifacts is None:
         return f"compile cache: nothing to save to {path}"
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        f.write(artifacts[0])
-    os.replace(path + ".tmp", path)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path + ".tmp", "wb") as f:
+            f.write(artifacts[0])
+        os.replace(path + ".tmp", path)
+    except OSError as e:  # the cache only saves time: the run goes on without it
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        return f"compile cache: could not save to {path} ({e.strerror}); the next run compiles again"
     if loaded and misses:  # the file held code for another version of the script, or other settings
         warnings.warn(f"--compile_cache: {misses} of {hits + misses} graphs were not in {path} (the script "
                       "or its shape flags differ from the run that saved it); they compiled from scratch, "
@@ -1457,8 +1603,10 @@ def load_checkpoint(path):
         found = sorted(glob.glob(os.path.join(path, "ckpt_step*.pt")))
         hint = f", e.g. --resume={found[-1]}" if found else " (ckpt_step*.pt, written by --save_every)"
         raise SystemExit(f"error: --resume={path} is a folder; pass a checkpoint file{hint}")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise SystemExit(f"error: --resume={path}: no such checkpoint file")
+    if problem := file_problem(path):
+        raise SystemExit(f"error: --resume={path} {problem}; pass a checkpoint file this process can read")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # pickle, zip and EOF errors all mean the same here: not a whole checkpoint
@@ -1482,22 +1630,27 @@ def save_checkpoint(run, step):
     """logs/<run_id>/ckpt_step<step>.pt: everything a resume needs. Written to a temp file and renamed, so it
     is whole or absent, even if the run is killed while saving."""
     path = os.path.join(run.args.log_dir, run.run_id, f"ckpt_step{step:06d}.pt")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     if os.path.exists(path):
         raise SystemExit(f"error: {path} exists; checkpoints are never overwritten")
     cuda = run.device.type == "cuda"
     rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if cuda else None)
     try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save(dict(script=os.path.basename(run.script_path), step=step, rng=rng, state=run.state,
                         model_config=dataclasses.asdict(run.raw_model.config),
                         args=dataclasses.asdict(run.args),
                         model=run.raw_model.state_dict(), optimizers=[o.state_dict() for o in run.optimizers],
                         scaler=run.scaler.state_dict(), loader=run.train_loader.state_dict()), path + ".tmp")
         os.replace(path + ".tmp", path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
-        raise
+        if not isinstance(e, Exception):  # Ctrl-C: the loop's interrupt
+            raise
+        # torch.save reports a full disk as a RuntimeError without the cause: the free space tells
+        free = shutil.disk_usage(os.path.dirname(path) if os.path.isdir(os.path.dirname(path)) else ".").free
+        why = e.strerror if isinstance(e, OSError) else str(e).splitlines()[0][:100]
+        raise WriteError(f"writing {path} failed ({why}; {free / 1e6:.0f} MB free there)") from None
     run.state["checkpoints"].append([step, path])
 
 
@@ -1586,13 +1739,20 @@ def agreed_elapsed(run, elapsed):
     return float(value)
 
 
+class Interrupt(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, as an exception that knows which."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 @contextlib.contextmanager
-def stop_signals_interrupt(run):
-    """Ctrl-C and SIGTERM (a scheduler's kill) both end the loop the same way: a log line, a summary, no half
-    file."""
+def signals_interrupt():
+    """Ctrl-C and SIGTERM (a scheduler's kill) both raise Interrupt, from start-up to the summary, so either
+    ends a run the same way: a log line, a summary, no half file (or, before the log, nothing at all)."""
     def interrupt(signum, frame):
-        run.interrupted = signum
-        raise KeyboardInterrupt
+        raise Interrupt(signum)
     previous = None
     if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
         previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -1615,20 +1775,51 @@ def errors_from_rank_zero():
         raise
 
 
+class WriteError(Exception):
+    """Writing the log or a checkpoint failed (a full disk, a lost mount): the run stops with one error
+    line."""
+
+
 class RunLog:
-    """logs/<run_id>.txt (opened with 'x', so never overwritten) and stdout, on rank 0 only."""
+    """logs/<run_id>.txt (opened with 'x', so never overwritten) and stdout, on rank 0 only. After a failed
+    write the log is closed and the rest goes to stdout only."""
 
     def __init__(self, path):
-        self.path = path
+        self.path, self.file, self.made = path, None, []
         if path:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            self.file = open(path, "x", encoding="utf-8", newline="", buffering=1)
+            folder = os.path.dirname(os.path.abspath(path))
+            while not os.path.exists(folder):  # the folders it makes, removed with a log that failed
+                self.made.append(folder)
+                folder = os.path.dirname(folder)
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                self.file = open(path, "x", encoding="utf-8", newline="", buffering=1)
+            except OSError as e:
+                raise WriteError(f"creating {path} failed ({e.strerror})") from None
 
     def write(self, text, echo=True):
-        if self.path:
-            self.file.write(text if text.endswith("\n") else text + "\n")
-            if echo:
-                print(text.rstrip("\n"), flush=True)
+        if self.path and echo:
+            print(text.rstrip("\n"), flush=True)
+        if self.file is not None:
+            try:
+                self.file.write(text if text.endswith("\n") else text + "\n")
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    self.file.close()
+                self.file = None
+                raise WriteError(f"writing {self.path} failed ({e.strerror})") from None
+
+    def remove(self):
+        """Delete a log that never got past its header: a start-up that failed leaves no half file."""
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
+        self.file = None
+        with contextlib.suppress(OSError):
+            if self.path:
+                os.remove(self.path)
+            for folder in self.made:  # deepest first; a folder something else has written into stays
+                os.rmdir(folder)
 
     def source(self, path):  # the exact text, framed by its length and hash so records/ can verify it
         with open(path, encoding="utf-8", newline="") as f:
@@ -1709,15 +1900,18 @@ def finish(run, steps):
                    peak_mem_gb=round(peak_gb, 3), device=device_name(run.device), world_size=run.world,
                    run_id=run.run_id, compile_warmup_s=state.get("compile_warmup"),
                    val_time_s=state["val_time"], stopped=run.stopped, last_checkpoint=last_checkpoint(run))
-    run.log.write(json.dumps({"summary": summary}, allow_nan=False))
+    try:
+        run.log.write(json.dumps({"summary": summary}, allow_nan=False))
+    except WriteError as e:  # printed, but not in the log
+        run.error = run.error or f"error: {e}; the summary above is not in the log"
     if run.tracker is not None:
         run.tracker.summary.update(summary)
-        run.tracker.finish(exit_code=1 if run.diverged or run.interrupted else 0)
+        run.tracker.finish(exit_code=1 if run.error or run.interrupted else 0)
     if run.world > 1 and not run.interrupted:
         dist.barrier()  # every rank done with the group before one tears it down (gloo may abort a rank)
         dist.destroy_process_group()
-    if run.diverged:
-        raise SystemExit(f"error: stopped: {run.stopped}; last good checkpoint: {summary['last_checkpoint']}")
+    if run.error:
+        raise SystemExit(run.error)
     if run.interrupted:
         raise SystemExit(128 + run.interrupted)  # the shell's convention for a process ended by a signal
     return summary

@@ -313,7 +313,8 @@ def test_a_4096_token_stream_trains_and_decodes_at_the_far_end():
 @pytest.mark.parametrize("flag", ["--rope_head_dim=7", "--kv_lora_rank=-1", "--q_lora_rank=-2"])
 def test_bad_mla_flags_are_clear_errors(flag):
     name = flag[2:].split("=")[0]
-    expected = "an even number" if flag == "--rope_head_dim=7" else r"an integer >= 0 \(0: auto\)"
+    expected = {"--rope_head_dim=7": "an even integer >= 0", "--kv_lora_rank=-1": r"an integer >= 0 \(0: auto\)",
+                "--q_lora_rank=-2": r"an integer >= 0 \(0: full-rank queries\)"}[flag]
     with pytest.raises(SystemExit, match=rf"^error: --{name}=-?\d+: expected {expected}"):
         mla.parse_args(["--preset=tiny", flag])  # IdeaFlags.check(), when the flags are parsed
 

@@ -92,10 +92,10 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(shards, tmp_path, mon
     holds NaN weights, so the last good one is step 4's."""
     module = load_script(ROOT / "train_gpt2.py")
     monkeypatch.setattr(module, "lr_factor", lambda step, progress, args: float("nan") if step >= 5 else 1.0)
-    with pytest.raises(SystemExit, match=r"train_loss is nan at step 7; last good checkpoint: .*ckpt_step000004\.pt"):
+    with pytest.raises(SystemExit, match=r"stopped: train_loss is nan at step 7; resume from .*ckpt_step000004\.pt with lower --"):
         module.main(small_args(*shards, tmp_path, num_iterations=10, save_every=2, val_every=0))
     log = next(tmp_path.glob("*.txt")).read_text()
-    assert "error: train_loss is nan at step 7; stopping. Last good checkpoint: " in log
+    assert "error: stopped: train_loss is nan at step 7; resume from " in log
     assert '"stopped": "train_loss is nan at step 7"' in log
 
 
@@ -107,11 +107,11 @@ def test_a_nan_read_a_step_late_still_stops_at_its_step(shards, tmp_path, monkey
     train_step = module.train_step
     monkeypatch.setattr(module, "train_step", lambda run, step, elapsed=0.0: (
         train_step(run, step, elapsed) * (float("nan") if step == 4 else 1.0)))
-    with pytest.raises(SystemExit, match=r"train_loss is nan at step 5; last good checkpoint: .*ckpt_step000002\.pt"):
+    with pytest.raises(SystemExit, match=r"stopped: train_loss is nan at step 5; resume from .*ckpt_step000002\.pt with lower"):
         module.main(small_args(*shards, tmp_path, num_iterations=10, save_every=2, val_every=0))
     log = next(tmp_path.glob("*.txt")).read_text()
     train, _, summary = read_log(next(tmp_path.glob("*.txt")))
-    assert sorted(train) == [1, 2, 3, 4] and "error: train_loss is nan at step 5; stopping." in log
+    assert sorted(train) == [1, 2, 3, 4] and "error: stopped: train_loss is nan at step 5; " in log
     assert summary["stopped"] == "train_loss is nan at step 5" and summary["steps"] == 6  # step 6 was queued
 
 
