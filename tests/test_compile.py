@@ -130,13 +130,14 @@ def test_compile_cache_moves_a_warm_start_to_a_machine_that_compiled_nothing(sha
     assert "compile cache: loaded " in third and "were not in" in warned and "compiled from scratch" in warned
 
 
-def test_a_compile_cache_that_does_not_load_is_a_warning_and_a_file_is_an_error(tmp_path):
+def test_a_compile_cache_that_does_not_load_is_a_warning_and_a_file_is_an_error(shards, tmp_path):
     module = load_script(SCRIPTS[0])
     broken = tmp_path / "broken.bin"
     broken.write_bytes(b"not a cache")
     with pytest.warns(UserWarning, match="did not load"):
         note, entries = module.load_compile_cache(str(broken))
     assert entries == 0 and "compiling, then saving over it" in note
-    args, _ = module.parse_args([f"--compile_cache={broken}"])
+    flags = small_args(*shards, tmp_path / "logs", compile=1, compile_cache=broken)
     with pytest.raises(SystemExit, match=r"--compile_cache=.*broken\.bin is a file; give a folder"):
-        module.compile_cache_file(args, torch.device("cpu"))
+        module.main(flags)  # before anything is written
+    assert not (tmp_path / "logs").exists()
