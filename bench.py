@@ -70,7 +70,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "data"))
 import fineweb  # noqa: E402  (the shard writer)
-from sample import import_script  # noqa: E402  (imports a train script without side effects)
+from sample import check_train_script, import_script  # noqa: E402  (train scripts, without side effects)
 
 leaderboard = import_script(ROOT / "records" / "leaderboard.py")  # parses and plots run logs
 
@@ -192,32 +192,43 @@ def race(scripts, flags, minutes, name, out_root, command):
     folder = race_folder(out_root, name)
     if folder.exists():
         raise SystemExit(f"error: {folder} exists; records are never overwritten: choose another --name")
-    folder.mkdir(parents=True)
-    summaries = []
-    for script in scripts:
+    run_flags = flags + [f"--time_budget_s={60 * minutes}", "--num_iterations=1000000", f"--log_dir={folder}"]
+    for script in scripts:  # every script's flags and data, checked before anything is written
         module = import_script(script)
-        summaries.append(module.main(flags + [f"--time_budget_s={60 * minutes}", "--num_iterations=1000000",
-                                              f"--log_dir={folder}"]))
-        del module
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    logs = [folder / f"{s['run_id']}.txt" for s in summaries]
-    lines = race_table(summaries)
-    plot = ""
+        args, _ = module.parse_args(run_flags)
+        module.check_train_is_not_val(args.train_files, args.val_files)
+    made = folder  # the topmost folder the race makes (records/proxy/ too, in a new records tree)
+    while not made.parent.exists():
+        made = made.parent
+    folder.mkdir(parents=True)
     try:
-        baseline = next((log for log, s in zip(logs, summaries) if s["script"] == "train_gpt2.py"), None)
-        leaderboard.plot_runs(logs, folder / "plot.png", baseline=baseline, x="both")
-        plot = "\n![val loss vs training time and tokens](plot.png)\n"
-    except RuntimeError as e:  # matplotlib is optional
-        print(f"no plot: {e}", file=sys.stderr)
-    (folder / "README.md").write_text(
-        f"# Proxy race: {name}\n\nEvery script trained for {minutes:g} min of training time (validation "
-        f"excluded) on the same data with the same settings, on {summaries[0]['device']} "
-        f"x{summaries[0]['world_size']}, torch {torch.__version__}. Proxy data: a speed and loss-vs-tokens "
-        "comparison, never a FineWeb result.\n\n"
-        f"Command: `{command}`\n\n" + "\n".join(lines) + "\n" + plot, encoding="utf-8")
-    leaderboard.write_readme(Path(out_root))
+        summaries = []
+        for script in scripts:
+            module = import_script(script)
+            summaries.append(module.main(run_flags))
+            del module
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        logs = [folder / f"{s['run_id']}.txt" for s in summaries]
+        lines = race_table(summaries)
+        plot = ""
+        try:
+            baseline = next((log for log, s in zip(logs, summaries) if s["script"] == "train_gpt2.py"), None)
+            leaderboard.plot_runs(logs, folder / "plot.png", baseline=baseline, x="both")
+            plot = "\n![val loss vs training time and tokens](plot.png)\n"
+        except RuntimeError as e:  # matplotlib is optional
+            print(f"no plot: {e}", file=sys.stderr)
+        (folder / "README.md").write_text(
+            f"# Proxy race: {name}\n\nEvery script trained for {minutes:g} min of training time (validation "
+            f"excluded) on the same data with the same settings, on {summaries[0]['device']} "
+            f"x{summaries[0]['world_size']}, torch {torch.__version__}. Proxy data: a speed and "
+            "loss-vs-tokens comparison, never a FineWeb result.\n\n"
+            f"Command: `{command}`\n\n" + "\n".join(lines) + "\n" + plot, encoding="utf-8")
+        leaderboard.write_readme(Path(out_root))
+    except BaseException:  # failed or interrupted: no half record, and no folder that blocks the retry
+        shutil.rmtree(made, ignore_errors=True)
+        raise
     print("\n".join(lines) + f"\n\nwritten to {folder}")
     return summaries
 
@@ -1507,6 +1518,58 @@ def gpu_check(stage, out, o, runner=None, clock=time.monotonic):
     return results
 
 
+# ---- command line ----
+# bench's own numbers: flag -> (test, what is allowed); a flag left out is not checked. NaN fails every test.
+LIMITS = {
+    "steps": (lambda v: v >= 1, "an integer >= 1"),
+    "batch_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "device_batch_tokens": (lambda v: v == "auto" or v.isdigit() and int(v) >= 1, "an integer >= 1, or auto"),
+    "minutes": (lambda v: 0 < v < math.inf, "a number of minutes > 0"),
+    "val_every": (lambda v: v >= 0, "an integer >= 0 (0: only at the end)"),
+    "val_tokens": (lambda v: v >= 0, "an integer >= 0 (0: no validation)"),
+    "budget_s": (lambda v: 0 < v < math.inf, "a number of seconds > 0"),
+}
+
+
+def check_flags(a):
+    """bench's flags, checked before anything runs or is written: a one-line SystemExit("error: ...") naming
+    the first bad one, as the user typed it. The train scripts check the flags bench passes on (--set,
+    --preset, the sizes) and the race's data, before anything is written too (main(), race())."""
+    for name, (allowed, what) in LIMITS.items():
+        value = getattr(a, name)
+        if value is not None and not allowed(value):
+            raise SystemExit(f"error: --{name}={value}: expected {what}")
+    if a.race and not (a.train_files and a.val_files):
+        raise SystemExit("error: --race needs --train_files and --val_files (e.g. the proxy shards, see "
+                         "README)")
+    if a.race and not leaderboard.RECORD_NAME_RE.match(f"{datetime.date.today():%Y-%m-%d}_{a.name}"):
+        raise SystemExit(f"error: --name={a.name}: expected letters, digits, '_', '.' and '-', starting with "
+                         "a letter or digit (the record folder is records/proxy/<date>_<name>/)")
+    for script in a.scripts or []:
+        check_train_script(script, "--scripts")
+    if a.gpu_check == "quick":
+        check_train_script(a.race_script, "--race_script")
+    folders = [("log_dir", a.log_dir), ("records", a.records if a.race or a.gpu_check else None),
+               ("out", a.out)]
+    for name, folder in folders:
+        problem = folder is not None and leaderboard.output_folder_problem(folder)
+        if problem:
+            raise SystemExit(f"error: --{name}={folder}: {problem}")
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM (a scheduler's kill) stops bench as Ctrl-C does, with a KeyboardInterrupt: what bench made is
+    removed on the way out (the shards' temporary folder, an unfinished race's record folder)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signum)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scripts", nargs="+", default=None,
@@ -1542,6 +1605,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.quick_worker:
         return quick_worker(a.quick_worker)
+    check_flags(a)
     scripts = [Path(s).resolve() for s in a.scripts] if a.scripts else sorted(ROOT.glob("train_gpt2*.py"))
     sizes = (("device_batch_tokens", a.device_batch_tokens), ("batch_tokens", a.batch_tokens))
     flags = [f"--preset={a.preset}"] + [f"--{k}={v}" for k, v in sizes if v is not None]
@@ -1551,22 +1615,25 @@ def main(argv=None):
         quick = a.gpu_check == "quick"
         budget = a.budget_s if a.budget_s is not None else QUICK_BUDGET_S if quick else STAGE_BUDGET_S
         steps = a.steps if a.steps is not None else QUICK_STEPS if quick else 10
-        o = CheckOptions(scripts, flags, steps, a.minutes, a.val_every or 10, a.val_tokens, budget,
+        val_every = 10 if a.val_every is None else a.val_every
+        o = CheckOptions(scripts, flags, steps, a.minutes, val_every, a.val_tokens, budget,
                          race_script=Path(a.race_script).resolve(), records=Path(a.records), command=command)
         results = gpu_check(a.gpu_check, a.out, o)
         if any(r["problems"] for r in results.values()):
             raise SystemExit(1)  # the problems are printed above and listed in each <stage>.md
         return results
-    if a.race:
-        if not (a.train_files and a.val_files):
-            p.error("--race needs --train_files and --val_files (e.g. the proxy shards, see README)")
-        flags += [f"--train_files={a.train_files}", f"--val_files={a.val_files}",
-                  f"--val_every={a.val_every or 50}", f"--val_tokens={a.val_tokens}"]
-        return race(scripts, flags, 5.0 if a.minutes is None else a.minutes, a.name, a.records, command)
-    rows, steps = [], 10 if a.steps is None else a.steps
-    with tempfile.TemporaryDirectory() as workdir:
-        for script in scripts:
-            rows.append(bench_script(script, flags, steps, workdir, a.log_dir))
+    with sigterm_interrupts():
+        if a.race:
+            val_every = 50 if a.val_every is None else a.val_every
+            flags += [f"--train_files={a.train_files}", f"--val_files={a.val_files}",
+                      f"--val_every={val_every}", f"--val_tokens={a.val_tokens}"]
+            return race(scripts, flags, 5.0 if a.minutes is None else a.minutes, a.name, a.records, command)
+        rows, steps = [], 10 if a.steps is None else a.steps
+        for script in scripts:  # a bad --set, --preset or size: one error before any script runs
+            import_script(script).parse_args(["--batch_stages=1", *flags])
+        with tempfile.TemporaryDirectory(prefix="bench_") as workdir:  # the shards; gone however bench ends
+            for script in scripts:
+                rows.append(bench_script(script, flags, steps, workdir, a.log_dir))
     if a.json:
         for row in rows:
             print(json.dumps(row))
@@ -1579,5 +1646,18 @@ def main(argv=None):
     return rows
 
 
+def interrupted(signum):
+    """The one line of a bench stopped by a signal, and the shell's exit code (SIGINT: 130, SIGTERM: 143)."""
+    print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (sigterm_interrupts)
+        interrupted(e.args[0] if e.args else signal.SIGINT)
+    except SystemExit as e:
+        if e.code in STOP_CODES:  # a train script stopped by the signal: it has logged where, and its summary
+            interrupted(e.code - 128)
+        raise

@@ -15,6 +15,9 @@ sampled, and a sample ends at <|endoftext|>. Checkpoints are pickles: load only 
 """
 import argparse
 import importlib.util
+import math
+import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -49,12 +52,65 @@ def import_script(path):
     return module
 
 
+IS_A_FOLDER = "is a folder, not a file"
+
+
+def input_file_problem(path):
+    """What keeps `path` from being read as a file, in a few words, or None when it can be read."""
+    if not str(path):
+        return "is empty: give a file"
+    path = Path(path)
+    if not path.exists():
+        return f"is a dangling symlink (to {os.readlink(path)})" if path.is_symlink() else "no such file"
+    if path.is_dir():
+        return IS_A_FOLDER
+    if not path.is_file():
+        return "is not a regular file"
+    try:
+        open(path, "rb").close()  # the real test: modes, ACLs and capabilities all apply to it
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    return None
+
+
+TRAIN_SCRIPT_NAMES = ("Hyperparameters", "GPTConfig", "GPT", "parse_args", "main")  # what the tools use of one
+TOP_LEVEL_RE = re.compile(r"^(?:class|def) (\w+)", re.M)
+
+
+def check_train_script(path, flag=None):
+    """Import a train script (named by the user with `flag`, if given), or a one-line SystemExit("error: ...")
+    saying why it is none. Its text is read first, so that a file that does not define TRAIN_SCRIPT_NAMES at
+    top level is never executed."""
+    name = f"{flag}={path}" if flag else str(path)
+    problem = input_file_problem(path)
+    if problem is None and Path(path).suffix != ".py":
+        problem = "is not a Python file (.py)"
+    if problem is None:
+        defined = set(TOP_LEVEL_RE.findall(Path(path).read_text(encoding="utf-8", errors="replace")))
+        missing = [n for n in TRAIN_SCRIPT_NAMES if n not in defined]
+        if missing:
+            problem = (f"not a train script: it defines no {', '.join(missing)} (a train_gpt2*.py defines "
+                       f"{', '.join(TRAIN_SCRIPT_NAMES)})")
+    if problem:
+        raise SystemExit(f"error: {name}: {problem}")
+    try:
+        return import_script(path)
+    except Exception as e:  # noqa: BLE001  (whatever the file raises, it is not a working train script)
+        detail = str(e).splitlines()[0] if str(e) else "no detail"
+        raise SystemExit(f"error: {name}: importing it failed ({type(e).__name__}: {detail})") from None
+
+
 def load_checkpoint(path, script=None, device="cpu"):
     """(model in eval mode, its script's module, the checkpoint dict). Errors are SystemExit("error: ...") that say
     what is wrong and what to do."""
+    problem = input_file_problem(path)
+    if problem == IS_A_FOLDER:  # e.g. a run's log folder: name a checkpoint in it
+        found = sorted(Path(path).glob("*.pt"))
+        problem += f"; give one of its checkpoints, e.g. --checkpoint={found[-1]}" if found else " (it holds no *.pt)"
+    if problem:
+        raise SystemExit(f"error: --checkpoint={path}: {problem}")
     path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"error: --checkpoint={path}: no such file")
+    module = check_train_script(script, "--script") if script is not None else None  # before the (slow) load
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # pickle, zip and EOF errors all mean the same thing here
@@ -65,12 +121,13 @@ def load_checkpoint(path, script=None, device="cpu"):
         missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
         raise SystemExit(f"error: {path} is not a train_gpt2*.py checkpoint: it lacks {', '.join(missing)} "
                          f"(it has {have}); checkpoints come from --save_every")
-    script_path = Path(script) if script else ROOT / Path(str(ckpt["script"])).name
-    if not script_path.is_file():
-        raise SystemExit(f"error: the checkpoint was written by {ckpt['script']}, and {script_path} does not exist; "
-                         "pass --script=PATH to the script (or a copy of it) that defines its model")
-    module = import_script(script_path)
-    name = script_path.name
+    if module is None:  # the script the checkpoint names, beside sample.py
+        script_path = ROOT / Path(str(ckpt["script"])).name
+        if not script_path.is_file():
+            raise SystemExit(f"error: the checkpoint was written by {ckpt['script']}, and {script_path} does not "
+                             "exist; pass --script=PATH to the script (or a copy of it) that defines its model")
+        module = check_train_script(script_path)
+    name = Path(module.__file__).name
     try:
         config = module.GPTConfig(**ckpt["model_config"])
     except TypeError as e:
@@ -165,6 +222,27 @@ def gpt2_encoding():
 
 
 # ---- command line ----
+def resolve_device(flag):
+    """--device as a torch.device, or a one-line SystemExit naming the flag: a device string torch does not know,
+    or a device this machine lacks (rather than a failure to load the checkpoint onto it)."""
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise SystemExit(f"error: --device={flag}: expected auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise SystemExit(f"error: --device={flag}: " + (f"this machine has {have} CUDA GPU(s), cuda:0 to "
+                                                        f"cuda:{have - 1}" if have else
+                                                        "this machine has no CUDA GPU; use --device=cpu"))
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"error: --device={flag}: MPS (Apple GPUs) is not available here; use --device=cpu")
+    return device
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -183,20 +261,22 @@ def main(argv=None):
                                          "names, beside sample.py)")
     parser.add_argument("--no_cache", action="store_true", help="full forward every step (to compare with the cache)")
     args = parser.parse_args(argv)
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.num_samples < 1 \
-            or args.max_new_tokens < 0:
-        parser.error("need --temperature >= 0, 0 < --top_p <= 1, --top_k >= 0, --num_samples >= 1, "
-                     "--max_new_tokens >= 0")
-
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    limits = dict(temperature=(lambda v: 0 <= v < math.inf, "a finite number >= 0 (0: greedy)"),
+                  top_p=(lambda v: 0 < v <= 1, "a number in (0, 1] (1: all tokens)"),
+                  top_k=(lambda v: v >= 0, "an integer >= 0 (0: all tokens)"),
+                  num_samples=(lambda v: v >= 1, "an integer >= 1"),
+                  max_new_tokens=(lambda v: v >= 0, "an integer >= 0"))
+    for name, (allowed, what) in limits.items():
+        if not allowed(getattr(args, name)):  # NaN fails every comparison, so it is refused too
+            raise SystemExit(f"error: --{name}={getattr(args, name)}: expected {what}")
+    if not args.prompt:
+        raise SystemExit("error: --prompt is empty: give text to continue, or leave --prompt out for a new document")
+    device = resolve_device(args.device)
+    enc = gpt2_encoding()
     # decoding runs FlexAttention eagerly (correct, just unfused), as the train scripts' CPU validation does
     warnings.filterwarnings("ignore", message=r".*flex_attention called without torch\.compile")
     model, _, ckpt = load_checkpoint(args.checkpoint, args.script, device)
-    enc = gpt2_encoding()
     prompt = enc.encode(args.prompt, allowed_special={"<|endoftext|>"})
-    if not prompt:
-        parser.error("--prompt is empty")
     if max(prompt) >= model.config.vocab_size:
         raise SystemExit(f"error: the prompt has token id {max(prompt)}, beyond this model's vocabulary of "
                          f"{model.config.vocab_size}; use a prompt of tokens it knows")
@@ -216,4 +296,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: sampling writes no file, so there is nothing to clean up
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -15,8 +15,10 @@ import datetime
 import hashlib
 import json
 import math
+import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -647,6 +649,77 @@ def plot_track(root, track, x="both"):
 
 
 # ---- command line ----
+def input_problem(path, want):
+    """What keeps `path` from being read as `want` ("file", "folder" or "file or folder"), in a few words, or
+    None when it can be read."""
+    if not str(path):
+        return f"is empty: give a {want}"
+    path = Path(path)
+    if not path.exists():
+        return f"is a dangling symlink (to {os.readlink(path)})" if path.is_symlink() else f"no such {want}"
+    if want == "file" and path.is_dir():
+        return "is a folder, not a file"
+    if want == "folder" and not path.is_dir():
+        return "is a file, not a folder"
+    try:  # the real test: modes, ACLs and capabilities all apply to it
+        os.listdir(path) if path.is_dir() else open(path, "rb").close()
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    return None
+
+
+def output_folder_problem(path):
+    """What keeps files from being written into the folder `path` (made when missing), in a few words, or None
+    when they can be. Writing is tried, with a folder made and removed at once in `path`, or in its nearest
+    existing parent when it is missing: file modes do not tell (root may write where they allow, yet not in
+    /proc)."""
+    if not str(path):
+        return "is empty: give a folder"
+    path = existing = Path(path)
+    while not existing.exists() and not existing.is_symlink():
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "a file, not a folder" if existing.exists() else f"a dangling symlink (to {os.readlink(existing)})"
+        return f"is {what}" if existing == path else f"cannot be made: {existing} is {what}"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write_check_", dir=existing))
+    except OSError as e:
+        return f"cannot be written ({e.strerror})" if existing == path else \
+            f"cannot be made in {existing} ({e.strerror})"
+    return None
+
+
+def output_file_problem(path):
+    """What keeps the file `path` from being written (its folder made when missing), in a few words, or None."""
+    if not str(path):
+        return "is empty: give a file"
+    if Path(path).is_dir():
+        return "is a folder, not a file"
+    problem = output_folder_problem(Path(path).parent)
+    return f"cannot be written: its folder {Path(path).parent} {problem}" if problem else None
+
+
+def check_paths(args):
+    """Every path of the command line, checked before anything is read or written: a one-line
+    SystemExit("error: ...") naming the first bad one, the flag (or the command) and what is wrong."""
+    problems = [(f"--root={args.root}", input_problem(args.root, "folder"))]
+    if args.command == "table":  # it writes <root>/README.md
+        problems.append((f"--root={args.root}", output_folder_problem(args.root)))
+    elif args.command == "check":
+        problems += [(f"check {p}", input_problem(p, "file or folder")) for p in args.paths]
+    elif args.track:  # plot --track writes <root>/<track>/plot.png
+        problems.append((f"--root={args.root}", output_folder_problem(Path(args.root) / args.track)))
+    else:
+        problems += [(f"plot {p}", input_problem(p, "file")) for p in args.logs]
+        if args.baseline is not None:
+            problems.append((f"--baseline={args.baseline}", input_problem(args.baseline, "file")))
+        if args.out is not None:
+            problems.append((f"--out={args.out}", output_file_problem(args.out)))
+    for name, problem in problems:
+        if problem:
+            raise SystemExit(f"error: {name}: {problem}")
+
+
 def run_check(paths, root, track=None, out=None):
     """Check log files, record folders, track folders, or (no paths) every track of root; print what fails and
     why; return how many items fail. A log's track is its grandparent folder's name, a record folder's its
@@ -697,7 +770,7 @@ def main(argv=None):
     p_plot.add_argument("--baseline", help="a log drawn dashed")
     p_plot.add_argument("--x", choices=["time", "tokens", "both"], default="both")
     args = parser.parse_args(argv)
-
+    check_paths(args)
     if args.command == "check":
         return 1 if run_check(args.paths, args.root, args.track) else 0
     if args.command == "table":
@@ -708,7 +781,7 @@ def main(argv=None):
     try:
         out = (plot_track(args.root, args.track, args.x) if args.track else
                plot_runs(args.logs, args.out, args.labels, args.baseline, args.x))
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -1,6 +1,8 @@
 """bench.py on CPU: one row per script, FLOPs that match the analytic count, the GPU peak table, and the
 plumbing of --gpu-check (stages, budgets, the report's files) with an injected runner in place of the GPU."""
 import json
+import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -9,7 +11,8 @@ import time
 import pytest
 import torch
 
-from tests.helpers import ROOT, SCRIPTS, load_script, markov_tokens, read_log
+from tests.helpers import (ROOT, SCRIPTS, load_script, markov_tokens, read_log,
+                           without_file_permission_bypass)
 
 bench = load_script(ROOT / "bench.py")
 
@@ -283,3 +286,151 @@ def test_gpu_tests_are_collected_and_skip_on_cpu(tmp_path):
     assert tests["counts"] == dict(passed=0, failed=0, error=0, skipped=n) and n == len(names) + len(ideas)
     assert tests["problems"] == [f"{n} test(s) skipped on the GPU machine"]
     assert "needs a CUDA GPU" in tests["tests"][0]["message"]
+
+
+# ---- bad input: one error naming the flag the user typed, before anything runs or is written ----
+TINY_SET = ["--set", *(f.removeprefix("--") for f in TINY)]  # bench.py --set takes NAME=VALUE
+
+
+def bench_error(*flags):
+    """The one `error:` line of `python bench.py FLAGS` (run as a user would, from the repo root): it fails,
+    without a traceback."""
+    cmd = without_file_permission_bypass([sys.executable, "bench.py", *map(str, flags)])
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 1 and "Traceback" not in out.stderr and len(errors) == 1, out.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--steps", "0"], "--steps=0: expected an integer >= 1"),
+    (["--steps", "-3"], "--steps=-3: expected an integer >= 1"),
+    (["--batch_tokens", "0"], "--batch_tokens=0: expected an integer >= 1"),
+    (["--device_batch_tokens", "0"], "--device_batch_tokens=0: expected an integer >= 1, or auto"),
+    (["--device_batch_tokens", "many"], "--device_batch_tokens=many: expected an integer >= 1, or auto"),
+    (["--minutes", "0"], "--minutes=0.0: expected a number of minutes > 0"),
+    (["--minutes", "nan"], "--minutes=nan: expected a number of minutes > 0"),
+    (["--minutes", "inf"], "--minutes=inf: expected a number of minutes > 0"),
+    (["--val_every", "-1"], r"--val_every=-1: expected an integer >= 0 \(0: only at the end\)"),
+    (["--val_tokens", "-1"], r"--val_tokens=-1: expected an integer >= 0 \(0: no validation\)"),
+    (["--budget_s", "-5"], "--budget_s=-5.0: expected a number of seconds > 0"),
+    (["--budget_s", "nan"], "--budget_s=nan: expected a number of seconds > 0"),
+    (["--race", "--train_files", "x"], "--race needs --train_files and --val_files"),
+    (["--race", "--train_files", "x", "--val_files", "y", "--name", "a/b"], "--name=a/b: expected letters"),
+    (["--race", "--train_files", "x", "--val_files", "y", "--name", ""], "--name=: expected letters")])
+def test_every_number_of_bench_is_checked_by_its_own_name(flags, error, tmp_path):
+    with pytest.raises(SystemExit, match=f"^error: {error}"):
+        bench.main(["--scripts", str(ROOT / "train_gpt2.py"), "--records", str(tmp_path / "records"), *flags])
+    assert not (tmp_path / "records").exists()
+
+
+def test_steps_and_minutes_are_named_as_typed_not_as_the_train_script_calls_them(tmp_path):
+    # bench passes them on as --num_iterations and --time_budget_s: the user typed --steps and --minutes
+    assert bench_error("--preset", "tiny", "--steps", "0") == "error: --steps=0: expected an integer >= 1"
+    records = tmp_path / "records"
+    assert bench_error("--race", "--minutes", "-1", "--train_files", "x", "--val_files", "y", "--records",
+                       records) == "error: --minutes=-1.0: expected a number of minutes > 0"
+    assert not records.exists()
+
+
+def test_scripts_must_be_train_scripts(tmp_path):
+    marker, tool = tmp_path / "ran", tmp_path / "tool.py"
+    tool.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    assert bench_error("--scripts", ROOT / "train_gpt2.py", tool) == \
+        f"error: --scripts={tool}: not a train script: it defines no Hyperparameters, GPTConfig, GPT, " \
+        "parse_args, main (a train_gpt2*.py defines Hyperparameters, GPTConfig, GPT, parse_args, main)"
+    assert not marker.exists()  # it was never executed
+    os.symlink(tmp_path / "gone.py", tmp_path / "dangling.py")
+    for script, problem in [(tmp_path / "missing.py", "no such file"), (tmp_path, "is a folder, not a file"),
+                            ("", "is empty: give a file"),
+                            (ROOT / "README.md", r"is not a Python file \(\.py\)"),
+                            (tmp_path / "dangling.py", r"is a dangling symlink \(to .*gone\.py\)")]:
+        with pytest.raises(SystemExit, match=rf"^error: --scripts={script}: {problem}$"):
+            bench.main(["--scripts", str(script)])
+    with pytest.raises(SystemExit, match=r"^error: --race_script=.*README.md: is not a Python file"):
+        bench.main(["--gpu-check", "quick", "--race_script", str(ROOT / "README.md")])
+
+
+def test_output_folders_must_be_writable_folders(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for flag in ("--log_dir", "--records", "--out"):
+        for folder, problem in [(a_file, "is a file, not a folder"), ("", "is empty: give a folder"),
+                                (a_file / "sub", f"cannot be made: {a_file} is a file, not a folder")]:
+            with pytest.raises(SystemExit, match=rf"^error: {flag}={folder}: {problem}$"):
+                bench.main(["--race", "--train_files", "x", "--val_files", "y", flag, str(folder)])
+    with pytest.raises(SystemExit, match=r"^error: --log_dir=/proc/x: cannot be made in /proc \(.*\)$"):
+        bench.main(["--log_dir", "/proc/x"])  # /proc takes no folders, whatever its modes say
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    assert bench_error("--log_dir", locked / "logs") == \
+        f"error: --log_dir={locked / 'logs'}: cannot be made in {locked} (Permission denied)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "locked"] and not any(locked.iterdir())
+
+
+def test_a_race_that_fails_leaves_no_folder_behind(shards, tmp_path):
+    records = tmp_path / "records"
+    race = ["--race", "--minutes", "0.05", "--scripts", str(ROOT / "train_gpt2.py"), "--val_tokens", "2048",
+            "--records", str(records), *TINY_SET]
+    with pytest.raises(SystemExit, match=r"^error: no files match --train_files=.*nothing_\*\.bin"):
+        bench.main([*race, "--train_files", str(tmp_path / "nothing_*.bin"), "--val_files", shards[1]])
+    with pytest.raises(SystemExit, match=r"^error: --n_layer=0: expected an integer >= 1"):
+        bench.main([*race, "n_layer=0", "--train_files", shards[0], "--val_files", shards[1]])  # a --set
+    assert not records.exists()  # both checked before the record folder is made
+    short = tmp_path / "short_val_000000.bin"  # fewer tokens than --val_tokens: the train script's own check
+    bench.fineweb.write_shard(str(short), markov_tokens(1000))
+    too_few = r"^error: the validation shards .*short_val.* fewer than --val_tokens=2048"
+    with pytest.raises(SystemExit, match=too_few):
+        bench.main([*race, "--train_files", shards[0], "--val_files", str(short)])
+    assert not records.exists()  # the train script ran in it, so it was made; then removed: no blocked retry
+
+
+def test_sigterm_outside_a_training_loop_removes_the_shards(tmp_path, monkeypatch):
+    made = []
+
+    def write_then_get_killed(directory, *args, **kwargs):
+        made.append(directory)
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises at once, in this frame
+    monkeypatch.setattr(bench, "write_synthetic_shards", write_then_get_killed)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt) as e:
+        bench.main(["--preset", "tiny", "--steps", "2", "--scripts", str(ROOT / "train_gpt2.py")])
+    assert e.value.args == (signal.SIGTERM,) and made and not made[0].parent.exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # bench's handler is gone with it
+
+
+def stop_bench_at_step_1(flags, sig, tmp_path):
+    """Run bench.py FLAGS, send `sig` once a train script logs step 1 (on stdout in a race, on stderr in the
+    table); returns (exit code, stderr after the signal)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    proc = subprocess.Popen([sys.executable, "bench.py", *flags], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stream = proc.stdout if "--race" in flags else proc.stderr
+    try:
+        for line in stream:
+            if line.startswith("step:1/"):
+                break
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, (out if "--race" in flags else "") + err
+
+
+def test_sigterm_during_a_race_exits_143_and_removes_its_folder(shards, tmp_path):
+    records = tmp_path / "records"
+    rc, after = stop_bench_at_step_1(
+        ["--race", "--minutes", "5", "--scripts", str(ROOT / "train_gpt2.py"), "--train_files", shards[0],
+         "--val_files", shards[1], "--val_tokens", "2048", "--records", str(records), *TINY_SET],
+        signal.SIGTERM, tmp_path)
+    assert rc == 143 and "Traceback" not in after and after.splitlines()[-1] == "interrupted (SIGTERM)", after
+    assert "interrupted (SIGTERM) at step" in after  # the train script's own line, and its summary
+    assert not records.exists()
+
+
+def test_ctrl_c_during_the_table_exits_130_and_removes_the_shards(tmp_path):
+    table = ["--steps", "100000", "--scripts", str(ROOT / "train_gpt2.py"), *TINY_SET]
+    rc, after = stop_bench_at_step_1(table, signal.SIGINT, tmp_path)
+    assert rc == 130 and "Traceback" not in after and after.splitlines()[-1] == "interrupted (SIGINT)", after
+    assert not list((tmp_path / "tmp").glob("bench_*"))  # the shards' temporary folder is gone

@@ -6,6 +6,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import warnings
 
 import pytest
 
-from tests.helpers import ROOT, load_script, small_args
+from tests.helpers import ROOT, load_script, small_args, without_file_permission_bypass
 
 spec = importlib.util.spec_from_file_location("leaderboard", ROOT / "records" / "leaderboard.py")
 lb = importlib.util.module_from_spec(spec)
@@ -407,3 +408,50 @@ def test_plot_without_matplotlib_says_what_to_install(real_log, tmp_path, monkey
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     with pytest.raises(RuntimeError, match="pip install matplotlib"):
         lb.plot_runs([real_log], tmp_path / "p.png")
+
+
+# ---- bad paths: one error naming the flag, before anything is read or written ----
+def leaderboard_error(*args):
+    """The one `error:` line of `python records/leaderboard.py ARGS` (from the repo root): it fails, without a
+    traceback."""
+    cmd = without_file_permission_bypass([sys.executable, "records/leaderboard.py", *map(str, args)])
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 1 and "Traceback" not in out.stderr and len(errors) == 1, out.stderr
+    return errors[0]
+
+
+def test_root_must_be_a_folder_it_can_read_and_write(tmp_path):
+    assert leaderboard_error("--root", tmp_path / "missing", "table") == \
+        f"error: --root={tmp_path / 'missing'}: no such folder"
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match="^error: --root=.*a_file: is a file, not a folder$"):
+        lb.main(["--root", str(tmp_path / "a_file"), "check"])
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    assert leaderboard_error("--root", locked, "table") == \
+        f"error: --root={locked}: cannot be written (Permission denied)"
+    assert not any(locked.iterdir())  # no README.md
+    with pytest.raises(SystemExit, match="^error: --root=: is empty: give a folder$"):
+        lb.main(["--root", "", "check"])
+
+
+def test_log_and_output_paths_say_what_is_wrong(tmp_path):
+    log = tmp_path / "run.txt"  # readable: the paths are checked before any log is parsed
+    log.write_text("")
+    assert leaderboard_error("plot", tmp_path / "missing.txt", "--out", tmp_path / "p.png") == \
+        f"error: plot {tmp_path / 'missing.txt'}: no such file"
+    os.symlink(tmp_path / "gone", tmp_path / "dangling")
+    for args, error in [
+            (["check", tmp_path / "missing"], f"check {tmp_path / 'missing'}: no such file or folder"),
+            (["check", ""], "check : is empty: give a file or folder"),
+            (["check", tmp_path / "dangling"], rf"check {tmp_path / 'dangling'}: is a dangling symlink \(to .*gone\)"),
+            (["plot", tmp_path, "--out", tmp_path / "p.png"], f"plot {tmp_path}: is a folder, not a file"),
+            (["plot", log, "--baseline", tmp_path / "x.txt", "--out", tmp_path / "p.png"],
+             f"--baseline={tmp_path / 'x.txt'}: no such file"),
+            (["plot", log, "--out", tmp_path], f"--out={tmp_path}: is a folder, not a file"),
+            (["plot", log, "--out", "/proc/x/p.png"],
+             r"--out=/proc/x/p.png: cannot be written: its folder /proc/x cannot be made in /proc \(.*\)")]:
+        with pytest.raises(SystemExit, match=f"^error: {error}$"):
+            lb.main([str(a) for a in args])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "run.txt"]

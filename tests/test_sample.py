@@ -3,6 +3,8 @@ seeded, top-k/top-p keep exactly their sets, <|endoftext|> stops, padded ids nev
 clearly, and the command line prints text."""
 import dataclasses
 import os
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 import sample
+from tests import helpers
 from tests.helpers import ROOT, SCRIPTS, load_script, small_args
 
 
@@ -222,3 +225,118 @@ def test_main_greedy_with_and_without_cache_and_prompt_errors(checkpoint, capsys
     sample.main(["--checkpoint", checkpoint, "--prompt", "a", "--max_new_tokens", "5", "--temperature", "0",
                  "--no_cache"])
     assert capsys.readouterr().out == greedy and greedy.startswith("a")
+
+
+# ---- bad input: one error naming the flag, before the checkpoint is loaded ----
+def sample_error(*flags):
+    """The one `error:` line of `python sample.py FLAGS` (run as a user would, from the repo root): it fails,
+    without a traceback; CUDA is hidden, so the command fails the same on a GPU machine."""
+    cmd = helpers.without_file_permission_bypass([sys.executable, "sample.py", *map(str, flags)])
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 1 and "Traceback" not in out.stderr and len(errors) == 1, out.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("flag, value, allowed", [
+    ("temperature", "-1", "a finite number >= 0"), ("temperature", "nan", "a finite number >= 0"),
+    ("temperature", "inf", "a finite number >= 0"), ("top_p", "0", r"a number in \(0, 1\]"),
+    ("top_p", "1.5", r"a number in \(0, 1\]"), ("top_p", "nan", r"a number in \(0, 1\]"),
+    ("top_k", "-1", "an integer >= 0"), ("num_samples", "0", "an integer >= 1"),
+    ("max_new_tokens", "-1", "an integer >= 0")])
+def test_each_value_flag_has_its_own_error(checkpoint, flag, value, allowed):
+    with pytest.raises(SystemExit, match=rf"^error: --{flag}={value}(\.0)?: expected {allowed}"):
+        sample.main(["--checkpoint", checkpoint, f"--{flag}", value, "--device", "cpu"])
+
+
+def test_the_command_names_the_flag_that_is_out_of_range(checkpoint):
+    assert sample_error("--checkpoint", checkpoint, "--top_p", "0") == \
+        "error: --top_p=0.0: expected a number in (0, 1] (1: all tokens)"
+
+
+def test_an_empty_prompt_is_an_error(checkpoint):
+    with pytest.raises(SystemExit, match="^error: --prompt is empty: give text to continue"):
+        sample.main(["--checkpoint", checkpoint, "--prompt", ""])
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "expected auto, cpu, cuda, cuda:N or mps"), ("cuda:x", "expected auto, cpu, cuda, cuda:N or mps"),
+    ("meta", "expected auto, cpu, cuda, cuda:N or mps"), ("cuda", "this machine has no CUDA GPU; use --device=cpu"),
+    ("cuda:1", "this machine has no CUDA GPU; use --device=cpu")])
+def test_a_bad_or_missing_device_is_named(checkpoint, monkeypatch, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same message on a GPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(SystemExit, match=rf"^error: --device={device}: {message}$"):
+        sample.main(["--checkpoint", checkpoint, "--device", device])
+
+
+def test_cuda_without_a_gpu_blames_the_device_not_the_checkpoint(checkpoint):
+    assert sample_error("--checkpoint", checkpoint, "--device", "cuda") == \
+        "error: --device=cuda: this machine has no CUDA GPU; use --device=cpu"
+
+
+def test_checkpoint_paths_say_what_is_wrong(checkpoint, tmp_path):
+    folder = os.path.dirname(checkpoint)
+    assert sample_error("--checkpoint", folder) == \
+        f"error: --checkpoint={folder}: is a folder, not a file; give one of its checkpoints, e.g. " \
+        f"--checkpoint={checkpoint}"
+    with pytest.raises(SystemExit, match=r"is a folder, not a file \(it holds no \*\.pt\)$"):
+        sample.load_checkpoint(tmp_path)
+    with pytest.raises(SystemExit, match=r"^error: --checkpoint=: is empty: give a file$"):
+        sample.load_checkpoint("")
+    os.symlink(tmp_path / "gone.pt", tmp_path / "dangling.pt")
+    with pytest.raises(SystemExit, match=r"^error: --checkpoint=.*dangling\.pt: is a dangling symlink \(to .*gone"):
+        sample.load_checkpoint(tmp_path / "dangling.pt")
+    with pytest.raises(SystemExit, match="^error: --checkpoint=/dev/null: is not a regular file$"):
+        sample.load_checkpoint("/dev/null")
+    unreadable = tmp_path / "ckpt.pt"
+    shutil.copy(checkpoint, unreadable)
+    unreadable.chmod(0)
+    assert sample_error("--checkpoint", unreadable) == \
+        f"error: --checkpoint={unreadable}: cannot be read (Permission denied)"
+
+
+def test_script_must_be_a_train_script(checkpoint, tmp_path):
+    def fails(script, message):
+        with pytest.raises(SystemExit, match=rf"^error: --script={script}: {message}"):
+            sample.load_checkpoint(checkpoint, script)
+    fails(tmp_path / "missing.py", "no such file$")
+    fails("", "is empty: give a file$")
+    fails(ROOT / "README.md", r"is not a Python file \(\.py\)$")
+    fails(ROOT / "bench.py", "not a train script: it defines no Hyperparameters, GPTConfig, GPT, parse_args ")
+    broken = tmp_path / "broken.py"
+    broken.write_text("class Hyperparameters: pass\nclass GPTConfig: pass\nclass GPT: pass\n"
+                      "def parse_args(): pass\ndef main(): pass\nimport no_such_module_x\n")
+    fails(broken, r"importing it failed \(ModuleNotFoundError: No module named 'no_such_module_x'\)$")
+    assert "broken" not in sys.modules  # a failed import leaves nothing behind for the next one
+    # the command: a Python file that is no train script is never executed
+    marker, tool = tmp_path / "ran", tmp_path / "tool.py"
+    tool.write_text(f"open({str(marker)!r}, 'w').close()\nclass GPT: pass\n")
+    assert sample_error("--checkpoint", checkpoint, "--script", tool) == \
+        f"error: --script={tool}: not a train script: it defines no Hyperparameters, GPTConfig, parse_args, " \
+        "main (a train_gpt2*.py defines Hyperparameters, GPTConfig, GPT, parse_args, main)"
+    assert not marker.exists()
+    fails(tmp_path, "is a folder, not a file$")
+    os.symlink(tmp_path / "gone.py", tmp_path / "dangling.py")
+    fails(tmp_path / "dangling.py", rf"is a dangling symlink \(to {tmp_path / 'gone.py'}\)$")
+    unreadable = tmp_path / "unreadable.py"
+    shutil.copy(ROOT / "train_gpt2.py", unreadable)
+    unreadable.chmod(0)
+    assert sample_error("--checkpoint", checkpoint, "--script", unreadable) == \
+        f"error: --script={unreadable}: cannot be read (Permission denied)"
+
+
+def test_ctrl_c_while_sampling_exits_130_without_a_traceback(checkpoint):
+    _tiktoken_or_skip()
+    cmd = [sys.executable, "sample.py", "--checkpoint", checkpoint, "--prompt", "a", "--max_new_tokens", "1000000",
+           "--device", "cpu", "--no_cache"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        header = proc.stderr.readline()  # printed once the model is loaded, just before decoding starts
+        assert header.startswith("# train_gpt2.py step 6"), header
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and rest.strip() == "interrupted", rest
