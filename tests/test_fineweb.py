@@ -5,14 +5,16 @@ import http.server
 import json
 import lzma
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, SHARED_DATA, fineweb
+from tests.helpers import ROOT, SHARED_DATA, fineweb, without_file_permission_bypass
 
 tiktoken = pytest.importorskip("tiktoken")
 
@@ -165,7 +167,7 @@ def test_existing_shards_are_found_before_any_tokenizing(tmp_path, gpt2, monkeyp
     def no_pool(*args, **kwargs):
         raise AssertionError("tokenizing started")
     with monkeypatch.context() as m:
-        m.setattr(fineweb.multiprocessing, "get_context", no_pool)
+        m.setattr(fineweb, "start_workers", no_pool)
         with pytest.raises(SystemExit, match=r"p_val_000000\.bin exists; shards are never overwritten"):
             fineweb.tokenize_files([str(src)], str(out), "p", 10, 100, workers=1)
     # a run that cannot write val shards (--val-tokens 0) may add train shards beside them, as before
@@ -292,6 +294,161 @@ def test_cli_errors_are_one_line(tmp_path, gpt2):
                NO_PROXY="", no_proxy="")
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
     assert run.returncode == 1 and run.stderr.count("\n") == 1 and BPE_FIX in run.stderr, run.stderr
+
+
+# ---- the command line checks every path and size it is given before it writes anything ----
+def fineweb_cli(*args):
+    return [sys.executable, "data/fineweb.py", *map(str, args)]
+
+
+def run_cli(cmd):
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def assert_one_error_line(run, *words):
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1, run.stderr
+    for word in words:
+        assert str(word) in run.stderr, run.stderr
+
+
+def folder_state(path):
+    return sorted(os.listdir(path)) if os.path.isdir(path) else os.path.lexists(path)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    src = tmp_path / "docs.jsonl"
+    write_jsonl(src, [b'{"text": "some text"}'])
+    return src
+
+
+@pytest.mark.parametrize("case,problem", [("folder", "is a folder; give the files in it"),
+                                          ("dangling", "a dangling symlink"), ("missing", "no such file"),
+                                          ("unreadable", "cannot read it (Permission denied)"),
+                                          ("twice", "is given twice; give each file once"),
+                                          ("symlink", "is the same file as")])
+def test_a_bad_from_text_file_is_named_before_anything_is_written(tmp_path, text_file, case, problem):
+    files = {"folder": [tmp_path], "dangling": [tmp_path / "gone.jsonl"], "missing": [tmp_path / "missing.jsonl"],
+             "unreadable": [text_file], "twice": [text_file, text_file],
+             "symlink": [text_file, tmp_path / "link.jsonl"]}[case]
+    if case == "dangling":
+        os.symlink(tmp_path / "nowhere.jsonl", files[0])
+    if case == "symlink":
+        os.symlink(text_file, files[1])
+    cmd = fineweb_cli("--from-text", *files, "--out", tmp_path / "o")
+    if case == "unreadable":
+        text_file.chmod(0)
+        cmd = without_file_permission_bypass(cmd)
+    assert_one_error_line(run_cli(cmd), "error: --from-text: ", f"{files[-1]}: {problem}")
+    assert not (tmp_path / "o").exists()
+
+
+def bad_folder(tmp_path, case):
+    """A folder argument that cannot be used, and what the error says about it."""
+    if case == "file":
+        (tmp_path / "a_file").write_text("keep me")
+        return tmp_path / "a_file", "exists and is not a folder"
+    if case == "empty":
+        return "", "is empty; name a folder"
+    if case == "dangling":
+        os.symlink(tmp_path / "nowhere", tmp_path / "link")
+        return tmp_path / "link", "a dangling symlink"
+    if case == "unwritable":
+        (tmp_path / "ro").mkdir(mode=0o555)
+        return tmp_path / "ro", "cannot write in it (Permission denied)"
+    if case == "under_a_file":
+        (tmp_path / "a_file").write_text("keep me")
+        return tmp_path / "a_file" / "sub", "is not a folder"
+    return "/proc/no_such_pid/shards", "cannot be made in /proc"
+
+
+FOLDER_CASES = ["file", "empty", "dangling", "unwritable", "under_a_file", "proc"]
+
+
+@pytest.mark.parametrize("flag", ["--out", "--local-dir"])
+@pytest.mark.parametrize("case", FOLDER_CASES)
+def test_a_bad_folder_is_named_before_anything_is_written(tmp_path, text_file, flag, case):
+    folder, problem = bad_folder(tmp_path, case)
+    before = folder_state(tmp_path)
+    # --local-dir: the download's checks come before any network access (there is none here)
+    cmd = fineweb_cli(*(["--from-text", text_file] if flag == "--out" else []), flag, folder)
+    if case == "unwritable":
+        cmd = without_file_permission_bypass(cmd)
+    assert_one_error_line(run_cli(cmd), f"error: {flag}" + (f"={folder}: " if folder else " "), problem)
+    assert folder_state(tmp_path) == before and folder_state(tmp_path / "ro") in (False, [])
+
+
+@pytest.mark.parametrize("flag,value,problem", [
+    ("--max-tokens", 0, "must be at least 1; leave it out for no limit"), ("--max-tokens", -5, "at least 1"),
+    ("--shard-tokens", 0, "must be 1 to 2147483647"), ("--shard-tokens", -1, "must be 1 to"),
+    ("--shard-tokens", 2**31, "must be 1 to"), ("--workers", 0, "must be at least 1"),
+    ("--val-tokens", -1, "must be 0 (no val split) or more, or 'all'"), ("--shards", -1, "0 to 103")])
+def test_a_size_below_one_is_an_error_not_a_default(tmp_path, text_file, flag, value, problem):
+    args = (["--local-dir", tmp_path / "fw"] if flag == "--shards" else
+            ["--from-text", text_file, "--out", tmp_path / "o"])
+    assert_one_error_line(run_cli(fineweb_cli(*args, f"{flag}={value}")), f"error: {flag}={value}: ", problem)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "fw").exists()
+
+
+def test_a_flag_of_the_other_command_is_an_error(tmp_path, text_file):
+    assert_one_error_line(run_cli(fineweb_cli("--from-text", text_file, "--out", tmp_path / "o", "--shards", 2)),
+                          "error: --shards goes with downloading FineWeb, not with --from-text")
+    assert_one_error_line(run_cli(fineweb_cli("--out", tmp_path / "o")), "error: --out goes with --from-text")
+    assert not (tmp_path / "o").exists()
+
+
+# ---- SIGTERM and Ctrl-C: the clean-up of a failed run, exit 128 + the signal, and the command can be re-run ----
+@pytest.fixture(scope="module")
+def big_corpus(tmp_path_factory):
+    """About 15 MB of .jsonl (a second or more of tokenizing on two cores): a run is still going when its first
+    shard appears."""
+    import random
+    rng = random.Random(0)
+    words = ("the of and a to in is was that for on with as by at from his it an were are which this be or has had "
+             "not but first one their its new after who they have her she two been other when there all").split()
+    block = "".join(json.dumps({"text": " ".join(rng.choices(words, k=150))}) + "\n" for _ in range(1000))
+    path = tmp_path_factory.mktemp("corpus") / "big.jsonl"
+    path.write_text(block * 20)
+    return path
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data (the offline GPT-2 BPE files) is not present")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signum,to_group,out_exists", [(signal.SIGTERM, False, False), (signal.SIGINT, True, True),
+                                                        (signal.SIGTERM, True, False)])
+def test_a_signal_leaves_out_as_it_was_and_the_command_can_be_rerun(tmp_path, gpt2, big_corpus, signum, to_group,
+                                                                   out_exists):
+    # kill PID (the parent only); Ctrl-C and a scheduler's SIGTERM reach every process of the group, workers too
+    out = tmp_path / "out" if out_exists else tmp_path / "new" / "out"
+    if out_exists:
+        out.mkdir()
+        (out / "other_train_000001.bin").write_bytes(b"not ours")
+    before = folder_state(tmp_path)
+    cmd = fineweb_cli("--from-text", big_corpus, "--out", out, "--val-tokens", 50_000, "--shard-tokens", 20_000,
+                      "--workers", 2)
+    run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.glob("text_*_*.bin")) and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert run.poll() is None, "the run ended before its first shard was seen: make big_corpus bigger"
+        (os.killpg if to_group else os.kill)(run.pid, signum)
+        stdout, stderr = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 128 + signum, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+    last = stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith(f"error: interrupted by {signal.Signals(signum).name}; the shards this run wrote are "
+                           f"removed and --out={out} is as it was; run the same command again"), stderr
+    assert stderr.count("error:") == 1 and folder_state(tmp_path) == before
+    assert folder_state(out) == (["other_train_000001.bin"] if out_exists else False)
+    rerun = run_cli(cmd)
+    assert rerun.returncode == 0, rerun.stderr
+    assert {"text_val_000000.bin", "text_train_000001.bin"} <= set(os.listdir(out))
 
 
 # ---- download, against a stand-in for the Hugging Face hub ----
