@@ -1088,6 +1088,8 @@ def train_loop(run):
                     state["train_time"] += time.perf_counter() - t0
                 t0 = None
                 if validate:
+                    if last:  # the final validation's wider windows (2025-09-21 record)
+                        run.raw_model.schedule(1.0)
                     validation(run, step)
                 if run.master and (save or run.stopped and args.save_every > 0):
                     save_checkpoint(run, step)
