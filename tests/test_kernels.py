@@ -398,11 +398,11 @@ def test_custom_ops_opcheck():
     x, weight = torch.randn(6, 8, requires_grad=True), torch.randn(70, 8, requires_grad=True)
     targets6 = make_targets((6,), 70)
     cases = [
-        (torch.ops.kernels.softcap_ce_fwd.default, (logits, targets, 15.0, -1)),
+        (torch.ops.kernels.softcap_ce_fwd.default, (logits, targets, 15.0, 0.0, 15.0, -1)),
         (torch.ops.kernels.linear_softcap_ce_fused.default,
-         (x, weight, targets6, 15.0, -1, torch.float32, 4, True)),
+         (x, weight, targets6, 15.0, 0.0, 15.0, -1, torch.float32, 4, True)),
         (torch.ops.kernels.linear_softcap_ce_losses.default,
-         (x, weight, targets6, 0.0, -1, torch.float32, 4)),
+         (x, weight, targets6, 0.0, 0.0, 1.0, -1, torch.float32, 4)),
         (torch.ops.kernels.xxt.default, (torch.randn(2, 40, 20, requires_grad=True),)),
     ]
     for op, args in cases:
