@@ -138,14 +138,14 @@ def test_mtp_weight_below_zero_is_refused():
 
 def test_value_embeds_beyond_the_depth_is_an_error_when_given_and_a_stated_clamp_when_not(shards, tmp_path):
     module = load_script(BASELINE)
-    message = error_of(module, small_args(*shards, tmp_path / "a", value_embeds=2))  # n_layer=2
-    assert "error: --value_embeds=2: at most --n_layer=2 // 2 = 1" in message
+    message = error_of(module, small_args(*shards, tmp_path / "a", value_embeds=3))  # n_layer=2: 2 attend
+    assert "error: --value_embeds=3: at most 2 for --n_layer=2 (one table per attention layer)" in message
     assert not (tmp_path / "a").exists()
     summary = module.main(small_args(*shards, tmp_path / "b", num_iterations=1, val_tokens=0))
     log = (tmp_path / "b" / f"{summary['run_id']}.txt").read_text()
     default = module.Hyperparameters.value_embeds
-    assert default > 1 and f"# value_embeds {default} -> 1: --n_layer=2 has room for 1 at each end" in log
-    assert '"value_embeds": 1' in log
+    assert default > 2 and f"# value_embeds {default} -> 2: --n_layer=2 has room for 2" in log
+    assert '"value_embeds": 2' in log
 
 
 def test_n_embd_without_a_head_count_that_works_says_to_change_n_embd(shards, tmp_path):

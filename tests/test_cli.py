@@ -30,7 +30,7 @@ def test_presets_and_overrides(script):
     bottlecap, _ = script.parse_args(["--preset=bottlecap"])
     assert (bottlecap.target_val_loss, bottlecap.val_tokens, bottlecap.stop_at_target) == (3.3821, 1048576, True)
     default, _ = script.parse_args([])
-    assert (default.n_layer, default.n_head, default.n_embd, default.vocab_size) == (12, 6, 768, 50304)
+    assert (default.n_layer, default.n_head, default.n_embd, default.vocab_size) == (11, 6, 768, 50304)
     assert (default.batch_tokens, default.batch_stages, default.num_iterations, default.window_blocks) == (
         393216, 3, 2160, "3,7,11")
     assert script.parse_args(["--device_batch_tokens=auto"])[0].device_batch_tokens == "auto"
@@ -74,7 +74,8 @@ def test_bad_flags_are_errors_that_say_what_is_valid(script, argv, message):
     ("--compile=2", r"--compile=2: expected 0, 1 or auto"),
     ("--muon_lr=nan", r"--muon_lr=nan: expected a number >= 0"),
     ("--adam_beta2=1", r"--adam_beta2=1.0: expected a number in \[0, 1\)"),
-    ("--logit_softcap=0", r"--logit_softcap=0.0: expected a number > 0"),
+    ("--bigram_vocab=1", r"--bigram_vocab=1: expected 0 \(none\) or an integer >= 2"),
+    ("--final_window_blocks=20", r"--final_window_blocks=20: expected two whole numbers >= 1, long,short"),
 ])
 def test_out_of_range_values_name_the_flag_the_value_and_the_range(script, flag, message):
     with pytest.raises(SystemExit, match=message):
