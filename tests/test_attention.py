@@ -72,7 +72,7 @@ def window_effects(model, grad, window=128):
 def test_keys_beyond_the_window_have_no_effect(script, grad):
     model = random_model(load_script(script), "--n_layer=1", "--window_blocks=1", "--device_batch_tokens=260")
     beyond, within = window_effects(model, grad)
-    assert beyond == 0.0 and within > 1e-3
+    assert beyond == 0.0 and within > 1e-4  # within: far above fp32 rounding of logits of ~10 (~1e-6)
 
 
 def test_the_window_check_catches_a_wider_window():
