@@ -30,14 +30,17 @@ def test_tiny_preset_table_on_cpu(capsys, tmp_path):
     assert row["ms_per_step"] == pytest.approx(1000 * summary["train_time_s"] / 2) and len(train) == 2
     assert 1000 * summary["train_time_s"] >= last_step_ms - 1 > 0  # the clock stops at the end (log: whole ms)
     L, C, W, V = 2, 64, 512, 50304  # the tiny preset; its last long window is 4 blocks of 128 tokens
-    blocks, scalars = L * 12 * C * C, 2 * 2 + 2 * 2 + 1  # block and attention lambdas, one U-net skip weight
-    # embedding tables: the token embedding and one value embedding (min(3, L // 2)), looked up, not
-    # multiplied
-    assert row["params_m"] * 1e6 == 3 * V * C + blocks + scalars
-    assert row["active_params_m"] * 1e6 == V * C + blocks + scalars
+    blocks = L * 12 * C * C
+    gates = 2 * 2 * 12 + 2 * 2 * 12 + 12  # attention and value-embedding gates (2 heads x 12 inputs), smear's
+    scalars = 2 * 2 + 2 * 3 + 1  # attention lambdas, block lambdas (resid, x0, bigram), smear's lambda
+    # embedding tables, looked up, not multiplied: the token embedding, 2 value embeddings (one per attention
+    # layer) and the 251,520-row bigram table
+    tables = 3 * V * C + 251_520 * C
+    assert row["params_m"] * 1e6 == tables + V * C + blocks + gates + scalars
+    assert row["active_params_m"] * 1e6 == V * C + blocks + gates + scalars
     # 6 FLOPs per multiply-add weight per token (forward + backward), plus QK^T and AV over a row of the
     # window
-    assert row["gflops_per_token"] * 1e9 == pytest.approx(6 * (blocks + V * C) + 12 * L * C * W)
+    assert row["gflops_per_token"] * 1e9 == pytest.approx(6 * (blocks + V * C + gates) + 12 * L * C * W)
     assert row["tokens_per_s"] > 0 and row["ms_per_step"] > 0 and row["mfu"] is None  # no peak for a CPU
     assert row["batch_tokens"] == 512 and row["compile_s"] is None
 
