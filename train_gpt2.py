@@ -7,7 +7,8 @@
 What is in this baseline: the recipe of modded-nanogpt's 2026-01 records (each piece names its record where it
 is defined; docs/baseline.md lists them):
 - the record's 11 layers at GPT-2 small's width, 6 heads of 128: layer 6 has no attention, layers 3 and 10
-  have long windows with the partial key offset, XSA in 1, 3, 4, 7, one gated skip (3 -> 6), backout of layer 7;
+  have long windows with the partial key offset, XSA in 1, 3, 4, 7, one gated skip (3 -> 6), backout of
+  layer 7;
 - QK-norm, half-truncated rotary with YaRN at each window change, attention scale 0.1, sparse attention gates,
   5 gated value-embedding tables, smear, a bigram hash embedding, ReLU², RMSNorm without gains, residual
   lambdas 1.1, the record's inits, an untied head under the logit transform 23 sigmoid((z + 5) / 7.5);
