@@ -380,8 +380,8 @@ class CausalSelfAttention(nn.Module):
         # v scaled by l0 and the output by l1 (the record's lambdas on the qkv and o weights, 2025-12-26)
         self.lambdas = nn.Parameter(torch.tensor([0.5, 1.0]))
 
-    def forward(self, x, ve, mask, freqs, scale, has_prev, cache=None):  # cache: past latents, rotary keys,
-        B, T, C = x.shape  # scales; decoding: ve and has_prev of every token so far, x of the new ones
+    def forward(self, x, ve, mask, freqs, scale, has_prev, cache=None):  # cache: this layer's past (decoding)
+        B, T, C = x.shape  # decoding: ve and has_prev cover every token so far, x the new ones only
         H, D, R = self.n_head, self.head_dim, self.rope_dim
         q = norm(self.c_q(x if self.q_down is None else norm(self.q_down(x))).view(B, T, H, D + R))  # QK-norm
         c_kv = norm(self.kv_down(x))  # (B, T, rank): the paper's RMSNorm on the latent
@@ -402,15 +402,17 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:  # decoding: cache latents, rotary keys, keys' 1 / rms, value-embedding gates
             squares = k_nope.float().square().sum(-1) + k_rope.float().square().sum(-1)  # (B, T, H): norm's
             k_inv_rms = torch.rsqrt(squares / (D + R) + torch.finfo(k_nope.dtype).eps).type_as(c_kv)
-            new = dict(c_kv=c_kv, k_rope=k_rope.squeeze(2), k_inv_rms=k_inv_rms, **({"ve_gate": gate} if
-                                                                                   ve is not None else {}))
+            new = dict(c_kv=c_kv, k_rope=k_rope.squeeze(2), k_inv_rms=k_inv_rms)
+            if ve is not None:  # the gates are no function of c_kv: cached too (n_head numbers per token)
+                new["ve_gate"] = gate
             for name, t in new.items():
                 cache[name] = torch.cat((cache[name], t), dim=1) if past else t
         if not past:  # training, and decoding's prefill: per-head k, v; one attention
             k = norm(torch.cat((k_nope, k_rope.expand(B, T, H, R)), dim=-1))  # QK-norm of the whole key
             v_all = v if isinstance(mask, BlockMask) else F.pad(v, (0, R))  # SDPA's flash kernels need one
             # width for q, k and v, so v is zero-padded to D + R there (R / D of P @ V wasted); Flex: none
-            q = torch.cat((q_nope, q_rope), dim=-1) * (scale * (D + R) ** 0.5).type_as(q)  # attend: / sqrt
+            # the attention scale as a factor on q, as the baseline: attend() divides by sqrt(D + R)
+            q = torch.cat((q_nope, q_rope), dim=-1) * (scale * (D + R) ** 0.5).type_as(q)
             q, k, v_all = (t.transpose(1, 2) for t in (q, k, v_all))
             y = attend(q, k, v_all, mask).transpose(1, 2)[..., :D]  # (B, T, heads, head_dim)
         else:  # decoding, absorbed: attention runs in latent space against the cache, keys/values never built
