@@ -1,6 +1,6 @@
 """GPT-2 speedrun baseline + Multi-head Latent Attention (MLA, DeepSeek-V2): keys and values come from a small
-cached latent per token, so the decoding cache shrinks 3.4x at 124M (454 instead of 1536 numbers per token per
-layer).
+cached latent per token, so the decoding cache shrinks 3.4x at 124M (4,570 instead of 15,360 numbers per token
+over the 10 attention layers).
 
     torchrun --nproc_per_node=1 train_gpt2_mla.py   124M on FineWeb (python data/fineweb.py --shards 8)
     python train_gpt2_mla.py --preset=tiny          a CPU-sized run on the bundled sample in data/sample/
@@ -64,12 +64,12 @@ except ImportError:  # a script copied out of the repo still runs, in plain PyTo
 
 
 # ---- kernels ----
-def linear_softcap_cross_entropy(x, weight, targets, softcap):
-    """Mean cross-entropy of softcap * tanh((x @ weight.T) / softcap) against targets (-1 = ignore)."""
+def linear_logit_cross_entropy(x, weight, targets, cap, offset=0.0, width=None):
+    """Mean cross-entropy of the logits cap * tanh((x @ weight.T + offset) / width) (width None: cap) against
+    targets (-1 = ignore)."""
     if kernels is not None:  # with --kernels=1, chunked: the full (tokens x vocab) logits never exist at once
-        return kernels.linear_softcap_cross_entropy(x, weight, targets, softcap)
-    logits = F.linear(x, weight).float()
-    logits = softcap * torch.tanh(logits / softcap)
+        return kernels.linear_softcap_cross_entropy(x, weight, targets, cap, offset=offset, width=width)
+    logits = cap * torch.tanh((F.linear(x, weight).float() + offset) / (width or cap))
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
@@ -168,12 +168,13 @@ class IdeaFlags:
 class GPTConfig(IdeaFlags):
     vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128 for fast matmuls (nanoGPT)
     seq_len: int = 16384  # the longest stream it trains on (sample.py's context); sdpa: the causal row length
-    n_layer: int = 12
+    n_layer: int = 11  # the record's 11 layers (2025-12-14): 10 attend (not the 7th), all have an MLP
     n_head: int = 6  # head_dim 128 (modded-nanogpt 2024-10-14)
     n_embd: int = 768
-    logit_softcap: float = 15.0  # logits = cap * tanh(logits / cap) (Gemma 2; 30 -> 15 in the 2025-01-04 run)
-    value_embeds: int = 3  # value-embedding tables for the first and the last this many layers (2024-12-04)
+    value_embeds: int = 5  # gated value-embedding tables, first 2 and last 3 attention layers (2026-01-26)
+    bigram_vocab: int = 251520  # rows of the bigram hash embedding, 5 x 50304 (2026-01-19; 0: none)
     window_blocks: tuple = (3, 7, 11)  # long attention window per stage of training, in blocks (2025-11-29)
+    final_window_blocks: tuple = (20, 6)  # (long, short) windows of the final validation (2025-09-21 record)
     attention: str = "flex"  # flex: document-masked windowed attention over packed streams; sdpa: causal rows
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
 
@@ -191,9 +192,44 @@ class GPTConfig(IdeaFlags):
         and a --seq_len row on SDPA."""
         settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name in vars(args)}
         streams = args.attention == "flex" and args.device_batch_tokens != "auto"
+        blocks = lambda text: tuple(int(w) for w in text.split(","))  # noqa: E731
         settings.update(seq_len=args.device_batch_tokens if streams else args.seq_len,
-                        window_blocks=tuple(int(w) for w in args.window_blocks.split(",")))
+                        window_blocks=blocks(args.window_blocks),
+                        final_window_blocks=blocks(args.final_window_blocks))
         return cls(**settings)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What each layer has, placed as in the record's 11-layer model and counted from the top, so a deeper or
+    shallower model keeps the top's pattern: no attention in layer L-5 (2024-12-17, "drop an attn layer"),
+    long windows with the partial key offset in L-8 and L-1 (2025-12-14), XSA in L-10, L-8, L-7, L-4
+    (2026-04-29), the one skip L-8 -> L-5 (2025-11-18) and the backout of layer L-4 (2025-10-04), those three
+    from 8 layers up; value embeddings in the first and the last attention layers (2026-01-26)."""
+    attends: tuple  # per layer: has attention
+    long: tuple  # per layer: long window (and the key offset)
+    xsa: tuple  # per layer: exclusive self-attention
+    ve: tuple  # per layer: its value-embedding table, or None
+    skip: tuple | None  # (from, to): layer `to` adds the gated output of layer `from`
+    backout: int | None  # the layer whose output is subtracted before the head
+
+    @classmethod
+    def of(cls, n_layer, value_embeds):
+        L, deep = n_layer, n_layer >= 8
+        top = lambda *depths: {L - d for d in depths if d <= L}  # noqa: E731
+        attends = tuple(not (deep and i == L - 5) for i in range(L))
+        layers = [i for i in range(L) if attends[i]]
+        n = min(value_embeds, len(layers))
+        with_ve = layers[:n // 2] + layers[len(layers) - (n - n // 2):]
+        return cls(attends=attends, long=tuple(i in top(8, 1) for i in range(L)),
+                   xsa=tuple(i in top(10, 8, 7, 4) and attends[i] for i in range(L)),
+                   ve=tuple(with_ve.index(i) if i in with_ve else None for i in range(L)),
+                   skip=(L - 8, L - 5) if deep else None, backout=L - 4 if deep else None)
+
+
+def max_value_embeds(n_layer):
+    """The most value-embedding tables a model of n_layer layers can use: one per attention layer."""
+    return sum(Layout.of(n_layer, 0).attends)
 
 
 def norm(x):
@@ -201,24 +237,31 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
-class Rotary(nn.Module):
-    """Rotary position embedding (Su et al. 2021, RoFormer), half-truncated (modded-nanogpt 2024-12-17): half
-    of the channel pairs turn at frequencies from 1 down to 1/1024 per token, the other half not at all, so
-    part of each head matches on content alone, at any distance."""
+def rotary_frequencies(head_dim):
+    """Half-truncated rotary (modded-nanogpt 2024-12-17): half of the channel pairs turn at frequencies from
+    1 down to 1/1024 per token, the other half not at all, so part of each head matches on content alone."""
+    turning = (1 / 1024) ** torch.linspace(0, 1, head_dim // 4)
+    return torch.cat((turning, turning.new_zeros(head_dim // 2 - head_dim // 4)))
 
-    def __init__(self, head_dim):
-        super().__init__()
-        inv_freq = (1 / 1024) ** torch.linspace(0, 1, head_dim // 4)
-        still = inv_freq.new_zeros(head_dim // 2 - head_dim // 4)
-        self.register_buffer("inv_freq", torch.cat((inv_freq, still)), persistent=False)
 
-    def forward(self, x, pos=0):  # x: (B, T, heads, head_dim); pos: position of x's first token
-        # angles computed per call (cheap, fused by compile): no table to size for the longest stream
-        positions = torch.arange(pos, pos + x.size(1), device=x.device, dtype=torch.float32)
-        angles = torch.outer(positions, self.inv_freq)
-        cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
+def yarn(freqs, old_window, new_window, alpha=1, beta=32):
+    """YaRN (Peng et al. 2023) at a window change (2025-09-10 record): a frequency that turns fewer than alpha
+    times over the old window is slowed by old/new, one turning more than beta times is kept, in between a
+    blend; the attention scale grows by 1 + 0.2 ln(new/old). Returns (frequencies, scale factor)."""
+    turns = old_window * freqs / (2 * math.pi)
+    keep = torch.clamp((turns - alpha) / (beta - alpha), 0, 1)
+    ratio = old_window / new_window
+    return freqs * (ratio + keep * (1 - ratio)), 0.2 * math.log(new_window / old_window) + 1
+
+
+def rotate(x, freqs, pos=0):
+    """Rotary position embedding (Su et al. 2021, RoFormer) of x (B, T, heads, head_dim) whose first token is
+    at position pos; channel j turns with channel j + head_dim/2 at freqs[j]."""
+    positions = torch.arange(pos, pos + x.size(1), device=x.device, dtype=torch.float32)
+    angles = torch.outer(positions, freqs)  # per call (cheap, fused by compile): no table to size
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
 
 
 def document_mask(docs, window, past=0, build=create_block_mask):
@@ -244,6 +287,20 @@ def attend(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
 
+def look_back(x, has_prev, last=None):
+    """x (B, T, ...) shifted one token later: each position gets its predecessor's value, zero where it has
+    none (a document's first token, the stream's start); last: the value before x[:, 0] (decoding)."""
+    before = torch.zeros_like(x[:, :1]) if last is None else last
+    prev = torch.cat((before, x[:, :-1]), dim=1)
+    return prev * has_prev.view(*has_prev.shape, *[1] * (x.dim() - 2)).type_as(x)
+
+
+def uniform_(weight, std):
+    """The record's init (2025-01-16, "improved init"): uniform with this standard deviation."""
+    bound = 3 ** 0.5 * std
+    return nn.init.uniform_(weight, -bound, bound)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head Latent Attention (DeepSeek-AI 2024, DeepSeek-V2, section 2.1). Each token's keys and values
     are up-projected from one shared latent c_kv (kv_lora_rank wide, section 2.1.2); position enters only
@@ -251,29 +308,47 @@ class CausalSelfAttention(nn.Module):
     heads, concatenated to the no-position parts. Decoding caches c_kv, the rotary key and each head's key
     scale (below); its prefill runs the training path (compute-bound, as serving systems do), and every later
     step attends in latent space, never rebuilding cached keys or values: W_uk absorbed into the query, W_uv
-    applied after attention (2.1.2). Per token and layer that is kv_lora_rank + rope_head_dim + n_head numbers
-    instead of the baseline's 2 * n_embd: 384 + 64 + 6 = 454 vs 1536 at 124M (3.4x smaller).
+    applied after attention (2.1.2); each runs on a new token's latent only (its key's scale; its own value,
+    for XSA). Per token and attention layer that is kv_lora_rank + rope_head_dim + n_head numbers (+ n_head
+    value-embedding gates where there are value embeddings) instead of the baseline's 2 * n_embd: 384 + 64 +
+    6 (+ 6) = 454 (460) vs 1536 at 124M, 4,570 vs 15,360 over the 10 attention layers (3.4x smaller).
 
     QK-norm on whole heads, as the baseline: each head's query [q_nope | q_rope] and key [W_uk^h c_kv |
     k_rope] are RMS-normalised over all D + R channels (c_kv has the paper's RMSNorm). A key's norm differs
     per head, so decoding keeps 1 / rms of every (token, head) key, computed once as the token arrives (W_uk
     on the new latents only), and scales the absorbed logits by it: logit = scale / rms_hs * (q_h . k_hs).
 
-    The rotary part is the baseline's half-truncated Rotary(rope_head_dim): of its R / 2 channel pairs, R / 4
-    turn (frequencies 1 to 1/1024 per token; 16 pairs at 124M, where each baseline head turns 32) and R / 4
-    never do, so the still channels of the shared rotary key are a content key all heads share, as in
-    multi-query attention. Documents and windows are the baseline's: the same masks, in both paths.
+    Where the baseline's v3 pieces meet MLA, this script decides:
+    - rotary, YaRN and the attention scale act on the decoupled rotary part: the half-truncated rotary of
+      rope_head_dim (R / 4 pairs turn, 16 at 124M where a baseline head turns 32; the still ones make the
+      shared rotary key a content key all heads share, as in multi-query attention), its frequencies YaRN-
+      stretched per window stage as the baseline's (GPT.stage_tables); the scale is the baseline's rule for
+      a q.k width, 0.1 sqrt(128 / width), at width D + R (0.0816 at 124M; DeepSeek-V2 too scales by
+      1 / sqrt(D + R)).
+    - the partial key offset (long-window layers, 2025-12-14): the baseline moves a key's position-free
+      channels to the token before; here a key's position-free part is W_uk c_kv, so its latent is the
+      previous token's (in the same document), while its rotary key and its value stay its own. Absorbed
+      decoding stays exact without caching more: key s's latent logit is the logit against latent s - 1.
+    - gated value embeddings: v = l0 W_uv c_kv + 2 sigmoid(W x[:12]) ve, per head. The gate and ve_s are no
+      function of c_s and cannot be absorbed: decoding caches the gates (n_head per token) and reads ve_s
+      from the table by the cached token ids (GPT.forward_cached).
+    - XSA needs each head's own value: W_uv on the new token's latent (plus its gated value embedding).
+    - the sparse attention gate and the output lambda act after attention: as the baseline.
+    Documents and windows are the baseline's: the same masks, in both paths.
 
-    124M (12 x 768, 6 heads, head_dim 128, full-rank q): attention matrices 2.41M per layer vs the baseline's
-    2.36M, so 85.52M in the blocks vs 84.93M (+0.7%) and 278.69M in all vs 278.10M (+0.2%). Training FLOPs per
-    token at a 1024-token context (6 x block params + 6 x layers x context x heads x (qk width + v width),
-    head excluded): MLA 513.1M + 141.6M = 654.7M vs the baseline's 509.6M + 113.2M = 622.9M (+5.1%); SDPA's
-    padded v (below) makes it 683.0M (+9.7%). tests/test_mla.py checks all three."""
+    124M (11 layers, 10 attending, 6 heads, head_dim 128, full-rank q): attention matrices 2.41M per layer
+    vs the baseline's 2.36M, so 75.99M in the blocks vs 75.50M (+0.65%) and 539.59M in all vs 539.10M
+    (+0.09%). Training FLOPs per token at a 1024-token context (6 x block matrices + 6 x attention layers x
+    context x heads x (qk width + v width), head excluded): MLA 455.9M + 118.0M = 573.9M vs the baseline's
+    453.0M + 94.4M = 547.4M (+4.8%); SDPA's padded v makes it 597.5M (+9.2%). tests/test_mla.py checks them.
+    """
+    GATE_INPUTS = 12  # the gates read the first 12 channels of the block's input (2025-08-23 record)
 
-    def __init__(self, config):
+    def __init__(self, config, long, xsa, ve):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
         self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head  # no-position q/k, v width
+        self.key_offset, self.xsa, self.ve = long, xsa, ve
         self.rank, self.rope_dim = config.kv_lora_rank, config.rope_head_dim
         q_width = config.n_head * (self.head_dim + self.rope_dim)
         # low-rank queries (eq. 12-13), with the paper's RMSNorm on the query latent; or one full-rank matrix
@@ -287,60 +362,87 @@ class CausalSelfAttention(nn.Module):
         self.k_rope = nn.Linear(config.n_embd, self.rope_dim, bias=False)  # W_kr: x -> the shared rotary key
         self.k_up = nn.Linear(self.rank, config.n_embd, bias=False)  # W_uk: c_kv -> every head's key
         self.v_up = nn.Linear(self.rank, config.n_embd, bias=False)  # W_uv: c_kv -> every head's value
+        # uniform with the record's std, fan-in^-0.5 (n_embd^-0.5 on x), as every input here has RMS 1
+        for lin in (self.q_down, self.c_q, self.kv_down, self.k_rope, self.k_up, self.v_up):
+            if lin is not None:
+                uniform_(lin.weight, lin.in_features ** -0.5)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         nn.init.zeros_(self.c_proj.weight)  # zero-init output projection: each block starts as identity
-        self.rotary = Rotary(self.rope_dim)
-        self.scale = (self.head_dim + self.rope_dim) ** -0.5  # of the [nope | rope] width, in both paths
-        # v = l0 * v + l1 * value embedding (2024-12-04 record, learned scalars as in 2024-12-08)
-        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))
+        # y_h *= sigmoid(W_h x[:12]): a head can switch itself off per token (sparse attention gate,
+        # 2025-08-23)
+        self.attn_gate = nn.Linear(self.GATE_INPUTS, self.n_head, bias=False)
+        nn.init.zeros_(self.attn_gate.weight)
+        if ve:  # v += 2 sigmoid(W_h x[:12]) ve per head (value-embedding gates, 2025-12-29): 1 at init
+            self.ve_gate = nn.Linear(self.GATE_INPUTS, self.n_head, bias=False)
+            nn.init.zeros_(self.ve_gate.weight)
+        if xsa:  # y -= tanh(a_h) (y.v / |v|^2) v: exclusive self-attention (arXiv:2603.09078; 2026-04-29)
+            self.xsa_alpha = nn.Parameter(torch.zeros(self.n_head))
+        # v scaled by l0 and the output by l1 (the record's lambdas on the qkv and o weights, 2025-12-26)
+        self.lambdas = nn.Parameter(torch.tensor([0.5, 1.0]))
 
-    def forward(self, x, ve, mask, cache=None):  # cache: past latents, rotary keys, scales
-        B, T, C = x.shape
+    def forward(self, x, ve, mask, freqs, scale, has_prev, cache=None):  # cache: this layer's past (decoding)
+        B, T, C = x.shape  # decoding: ve and has_prev cover every token so far, x the new ones only
         H, D, R = self.n_head, self.head_dim, self.rope_dim
         q = norm(self.c_q(x if self.q_down is None else norm(self.q_down(x))).view(B, T, H, D + R))  # QK-norm
         c_kv = norm(self.kv_down(x))  # (B, T, rank): the paper's RMSNorm on the latent
         past = cache["c_kv"].size(1) if cache else 0
         q_nope, q_rope = q.split((D, R), dim=-1)
-        k_rope = self.k_rope(x).view(B, T, 1, R)  # one rotary key for all heads
-        q_rope, k_rope = self.rotary(q_rope, past), self.rotary(k_rope, past)
-        k_nope = self.k_up(c_kv).view(B, T, H, D)  # new tokens' keys only (never cached ones)
-        if cache is not None:  # decoding: cache latents, rotary keys, keys' 1 / rms
+        q_rope = rotate(q_rope, freqs, past)
+        k_rope = rotate(self.k_rope(x).view(B, T, 1, R), freqs, past)  # one rotary key for all heads
+        new_prev, c_key = has_prev[:, -T:], c_kv
+        if self.key_offset:  # a key's content from the token before (2025-12-14), never across documents
+            before = look_back(c_kv, new_prev, cache["c_kv"][:, -1:] if past else None)
+            c_key = torch.where(new_prev[..., None], before, c_kv)  # no predecessor: its own latent
+        k_nope = self.k_up(c_key).view(B, T, H, D)  # new tokens' keys only (never cached ones)
+        own = not past or self.xsa  # new tokens' own values: for attention, and for XSA when decoding
+        v = self.lambdas[0] * self.v_up(c_kv).view(B, T, H, D) if own else None
+        gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.GATE_INPUTS])) if ve is not None else None
+        if ve is not None and own:
+            v = v + gate[..., None] * ve[:, -T:].view_as(v)
+        if cache is not None:  # decoding: cache latents, rotary keys, keys' 1 / rms, value-embedding gates
             squares = k_nope.float().square().sum(-1) + k_rope.float().square().sum(-1)  # (B, T, H): norm's
             k_inv_rms = torch.rsqrt(squares / (D + R) + torch.finfo(k_nope.dtype).eps).type_as(c_kv)
-            for name, t in (("c_kv", c_kv), ("k_rope", k_rope.squeeze(2)), ("k_inv_rms", k_inv_rms)):
+            new = dict(c_kv=c_kv, k_rope=k_rope.squeeze(2), k_inv_rms=k_inv_rms)
+            if ve is not None:  # the gates are no function of c_kv: cached too (n_head numbers per token)
+                new["ve_gate"] = gate
+            for name, t in new.items():
                 cache[name] = torch.cat((cache[name], t), dim=1) if past else t
         if not past:  # training, and decoding's prefill: per-head k, v; one attention
             k = norm(torch.cat((k_nope, k_rope.expand(B, T, H, R)), dim=-1))  # QK-norm of the whole key
-            v = self.v_up(c_kv).view(B, T, H, D)
-            v = self.lambdas[0] * v + (self.lambdas[1] * ve.view_as(v) if ve is not None else 0)
-            if not isinstance(mask, BlockMask):  # SDPA's flash kernels need one width for q, k and v, so v is
-                v = F.pad(v, (0, R))  # zero-padded to D + R (R / D of P @ V wasted); FlexAttention: none
-            q, k, v = (t.transpose(1, 2) for t in (torch.cat((q_nope, q_rope), dim=-1), k, v))
-            y = attend(q, k, v, mask).transpose(1, 2)[..., :D]
+            v_all = v if isinstance(mask, BlockMask) else F.pad(v, (0, R))  # SDPA's flash kernels need one
+            # width for q, k and v, so v is zero-padded to D + R there (R / D of P @ V wasted); Flex: none
+            # the attention scale as a factor on q, as the baseline: attend() divides by sqrt(D + R)
+            q = torch.cat((q_nope, q_rope), dim=-1) * (scale * (D + R) ** 0.5).type_as(q)
+            q, k, v_all = (t.transpose(1, 2) for t in (q, k, v_all))
+            y = attend(q, k, v_all, mask).transpose(1, 2)[..., :D]  # (B, T, heads, head_dim)
         else:  # decoding, absorbed: attention runs in latent space against the cache, keys/values never built
-            c_kv, k_rope, k_inv_rms = cache["c_kv"], cache["k_rope"], cache["k_inv_rms"]  # every token so far
+            c_all, k_rope, k_inv_rms = cache["c_kv"], cache["k_rope"], cache["k_inv_rms"]  # all tokens so far
             q_lat = torch.einsum("bthd,hdr->bhtr", q_nope, self.k_up.weight.view(H, D, self.rank))
-            q = torch.cat((q_lat, q_rope.transpose(1, 2)), dim=-1)  # (B, H, T, rank + R)
-            # logits against the one [c_kv | k_rope] per token that all heads share, times each head's 1 /
-            # rms: a per-(head, key) factor SDPA cannot take, so the softmax is written out (T is small when
-            # decoding, and materialising per-head scaled keys instead would read H times the cache)
-            att = torch.einsum("bhtr,bsr->bhts", q, torch.cat((c_kv, k_rope), dim=-1))
-            att = att * (self.scale * k_inv_rms.transpose(1, 2)[:, :, None])
-            att = att.float().masked_fill(~mask, float("-inf")).softmax(dim=-1).type_as(c_kv)
-            o = torch.einsum("bhts,bsr->bhtr", att, c_kv)  # (B, H, T, rank): softmax-weighted latents
-            y = torch.einsum("bhtr,hdr->bthd", o, self.v_up.weight.view(H, D, self.rank))  # then W_uv
-            # value embeddings: sum_s p_s (l0 W_uv c_s + l1 ve_s) = l0 W_uv (sum_s p_s c_s) + l1 sum_s p_s
-            # ve_s; ve_s, token s's table row, is no function of c_s and cannot be absorbed: forward_cached
-            # passes ve for every token so far (table rows; nothing more is cached)
-            ve_sum = torch.einsum("bhts,bshd->bthd", att, ve.view(B, -1, H, D)) if ve is not None else 0
-            y = self.lambdas[0] * y + self.lambdas[1] * ve_sum
-        return self.c_proj(y.reshape(B, T, C))
+            att = torch.einsum("bhtr,bsr->bhts", q_lat, c_all)  # against the latent all heads share
+            if self.key_offset:  # key s's latent is token s - 1's where it has one: the logit against s - 1
+                att = torch.where(has_prev[:, None, None, :], F.pad(att, (1, -1)), att)
+            att = att + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)
+            # times each head's 1 / rms: a per-(head, key) factor SDPA cannot take, so the softmax is written
+            # out (T is small when decoding; materialising per-head scaled keys would read H times the cache)
+            att = att * (scale.type_as(att) * k_inv_rms.transpose(1, 2)[:, :, None])
+            att = att.float().masked_fill(~mask, float("-inf")).softmax(dim=-1).type_as(c_all)
+            o = torch.einsum("bhts,bsr->bhtr", att, c_all)  # (B, H, T, rank): softmax-weighted latents
+            y = self.lambdas[0] * torch.einsum("bhtr,hdr->bthd", o, self.v_up.weight.view(H, D, self.rank))
+            if ve is not None:  # sum_s p_s g_s ve_s: ve_s, token s's table row, read by the cached token ids
+                gated = cache["ve_gate"][..., None] * ve.view(B, -1, H, D)
+                y = y + torch.einsum("bhts,bshd->bthd", att, gated)
+        if self.xsa:
+            along = (y * v).sum(-1, keepdim=True) / v.square().sum(-1, keepdim=True).clamp_min(1e-8)
+            y = y - torch.tanh(self.xsa_alpha).type_as(y)[:, None] * along * v
+        y = y * torch.sigmoid(self.attn_gate(x[..., :self.GATE_INPUTS]))[..., None]
+        return self.lambdas[1] * self.c_proj(y.reshape(B, T, C))
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        uniform_(self.c_fc.weight, 0.5 * config.n_embd ** -0.5)  # half the attention's std (record)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
         nn.init.zeros_(self.c_proj.weight)  # zero-init output projection (modded-nanogpt)
 
@@ -349,19 +451,44 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config, layer):
+    def __init__(self, config, layout, layer):
         super().__init__()
-        self.attn = CausalSelfAttention(config)
+        self.long_window = layout.long[layer]
+        has_ve = layout.ve[layer] is not None
+        self.attn = (CausalSelfAttention(config, layout.long[layer], layout.xsa[layer], has_ve)
+                     if layout.attends[layer] else None)
         self.mlp = MLP(config)
-        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # x = l0 * x + l1 * x0 (2024-11-06 record)
-        # long and short windows alternate, long at both ends of each U-net half (2025-01-26 record's layout)
-        self.long_window = min(layer, config.n_layer - 1 - layer) % 4 == 0
+        # x = resid * x + x0_lambda * x0 + bigram_lambda * bigram before each block (2025-11-18: 1.1;
+        # 2026-01-19: 0.1)
+        self.resid_lambda = nn.Parameter(torch.tensor(1.1))
+        self.x0_lambda = nn.Parameter(torch.tensor(0.0))
+        self.bigram_lambda = nn.Parameter(torch.tensor(0.1))
 
-    def forward(self, x, x0, ve, mask, cache=None):  # pre-norm residual block (GPT-2), x0: the embedding
+    def forward(self, x, x0, bigram, ve, mask, freqs, scale, has_prev, cache=None):  # pre-norm residual block
         # mask: this block's own (long or short window): a compiled block need not know which it is
-        x = self.lambdas[0] * x + self.lambdas[1] * x0
-        x = x + self.attn(norm(x), ve, mask, cache)
+        x = self.resid_lambda * x + self.x0_lambda * x0
+        if bigram is not None:
+            x = x + self.bigram_lambda * bigram
+        if self.attn is not None:
+            x = x + self.attn(norm(x), ve, mask, freqs, scale, has_prev, cache)
         return x + self.mlp(norm(x))
+
+
+def bigram_hash(idx, has_prev, rows, last=None):
+    """Each token's row in the bigram table: a hash of (previous token, token) (2026-01-19 record: 36313 and
+    27191, XOR, mod rows - 1); the last row for a token with no predecessor in its document (the record lets
+    a document's first token hash the previous document's last: ours sees nothing across documents)."""
+    prev = look_back(idx, has_prev, last)
+    hashed = torch.bitwise_xor(36313 * idx, 27191 * prev) % (rows - 1)
+    return torch.where(has_prev, hashed, rows - 1)
+
+
+def logit_transform(z):
+    """23 sigmoid((z + 5) / 7.5) (2025-12-26 record, -40 steps) less its constant: 11.5 tanh((z + 5) / 15)."""
+    return LOGIT_CAP * torch.tanh((z + LOGIT_OFFSET) / LOGIT_WIDTH)
+
+
+LOGIT_CAP, LOGIT_OFFSET, LOGIT_WIDTH = 11.5, 5.0, 15.0
 
 
 class GPT(nn.Module):
@@ -373,54 +500,80 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        L = config.n_layer
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        # value embeddings: layer i < n and layer L - n + i add table i to their values (2024-12-04,
-        # 2025-01-04)
-        n = min(config.value_embeds, L // 2)
-        self.value_embeds = nn.ModuleList([nn.Embedding(config.vocab_size, config.n_embd) for _ in range(n)])
-        self.ve_table = [i if i < n else i - (L - n) if i >= L - n else None for i in range(L)]
-        self.blocks = nn.ModuleList([Block(config, i) for i in range(L)])
-        # U-net (2024-11-10 record): layer L - 1 - i adds layer i's output, weighted, for i < L // 2
-        self.skip_weights = nn.Parameter(torch.ones(L // 2))
-        # untied from wte: input and output embeddings want different geometry and LRs (modded-nanogpt)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        nn.init.zeros_(self.lm_head.weight)  # zero-init head: the first loss is exactly ln(vocab_size)
-        # the long and short attention windows in tokens, set in place by schedule() so compiled graphs never
-        # change, from a table of every stage's on the same device (a copy from the CPU would wait for the GPU
-        # every step)
-        stages = range(len(config.window_blocks))
-        table = torch.stack([self.stage_windows(s) for s in stages])
-        self.register_buffer("window_table", table, persistent=False)
-        self.register_buffer("windows", self.windows_at(0.0), persistent=False)
-        # evaluation's and decoding's: a buffer too, since a tensor made inside a compiled forward breaks
-        # Inductor's FlexAttention mask code on CUDA (torch 2.11: "XBLOCK is not defined", found by the GPU
-        # check)
-        self.register_buffer("final_windows", self.windows_at(1.0), persistent=False)
+        self.layout = layout = Layout.of(config.n_layer, config.value_embeds)
+        C = config.n_embd
+        # head N(0, 0.005) and the embedding a copy of it, untied (2025-12-19 / 2025-12-22 records' init)
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        nn.init.normal_(self.lm_head.weight, std=0.005)
+        self.wte = nn.Embedding(config.vocab_size, C)
+        with torch.no_grad():
+            self.wte.weight.copy_(self.lm_head.weight)
+        # smear (2025-09-18): x_t += lambda sigmoid(W x_t[:12]) x_{t-1} on the embedding; lambda 0 and W 0
+        self.smear_gate = nn.Linear(CausalSelfAttention.GATE_INPUTS, 1, bias=False)
+        nn.init.zeros_(self.smear_gate.weight)
+        self.smear_lambda = nn.Parameter(torch.tensor(0.0))
+        self.value_embeds = nn.ModuleList([nn.Embedding(config.vocab_size, C)
+                                           for _ in range(sum(t is not None for t in layout.ve))])
+        for table in self.value_embeds:
+            nn.init.zeros_(table.weight)  # zero at init, as the 2026-01-26 record
+        if config.bigram_vocab:  # zero at init: learns what a token pair adds (2026-01-19)
+            self.bigram_embed = nn.Embedding(config.bigram_vocab, C)
+            nn.init.zeros_(self.bigram_embed.weight)
+        self.blocks = nn.ModuleList([Block(config, layout, i) for i in range(config.n_layer)])
+        if layout.skip:  # x += sigmoid(skip_lambda) 2 sigmoid(W x0[:12]) h_from (2025-11-18, gate 2025-12-29)
+            self.skip_gate = nn.Linear(CausalSelfAttention.GATE_INPUTS, 1, bias=False)
+            nn.init.zeros_(self.skip_gate.weight)
+            self.skip_lambda = nn.Parameter(torch.tensor(-1.5))
+        if layout.backout is not None:  # x -= backout_lambda h_backout before the head (2025-10-04)
+            self.backout_lambda = nn.Parameter(torch.tensor(0.5))
+        # every stage's windows (tokens), rotary frequencies and attention scale, and the final validation's
+        # (the last row), tables on the model's device: schedule() copies a row in place, so compiled graphs
+        # never change and no copy from the CPU waits for the GPU. A fresh model is in its final state.
+        windows, freqs, scales = self.stage_tables()
+        self.register_buffer("window_table", windows, persistent=False)
+        self.register_buffer("freq_table", freqs, persistent=False)
+        self.register_buffer("scale_table", scales, persistent=False)
+        self.register_buffer("windows", windows[-1].clone())
+        self.register_buffer("freqs", freqs[-1].clone())
+        self.register_buffer("attn_scale", scales[-1].clone())
         self.build_block_mask = create_block_mask  # compile_regions() compiles it
 
-    def window_stage(self, progress):
-        return min(int(progress * len(self.config.window_blocks)), len(self.config.window_blocks) - 1)
-
-    def stage_windows(self, stage):
-        """(long, short) windows in tokens in this stage of training: its long window, and half that (at least
-        one)."""
-        long = self.config.window_blocks[stage]
-        return torch.tensor([long * BLOCK, max(1, long // 2) * BLOCK])
-
-    def windows_at(self, progress):
-        return self.stage_windows(self.window_stage(progress))
+    def stage_tables(self):
+        """(windows (S + 1, 2), frequencies (S + 1, R / 2), scales (S + 1)) of each of the S stages and
+        the final validation: long windows by window_blocks, short half as long (at least one block); YaRN at
+        each change of the long window; the final validation at final_window_blocks with the last stage's
+        frequencies and scale (the record widens its windows there without YaRN)."""
+        config = self.config
+        head_dim = config.n_embd // config.n_head
+        # MLA: rotary on the decoupled rotary part only; the baseline's scale rule at the q.k width D + R
+        R = config.rope_head_dim
+        freqs, scale = rotary_frequencies(R), 0.1 * (128 / (head_dim + R)) ** 0.5  # 0.1 at width 128
+        rows, old = [], config.window_blocks[0]
+        for long in config.window_blocks:
+            if long != old:
+                freqs, grow = yarn(freqs, old * BLOCK, long * BLOCK)
+                scale, old = scale * grow, long
+            rows.append(([long * BLOCK, max(1, long // 2) * BLOCK], freqs, scale))
+        final = config.final_window_blocks
+        rows.append(([final[0] * BLOCK, final[1] * BLOCK], freqs, scale))
+        return (torch.tensor([r[0] for r in rows]), torch.stack([r[1] for r in rows]),
+                torch.tensor([r[2] for r in rows]))
 
     def schedule(self, progress):
-        """Called by the training loop before every optimizer step with the run's progress in [0, 1]."""
-        self.windows.copy_(self.window_table[self.window_stage(progress)])
+        """Called by the training loop before every optimizer step with the run's progress in [0, 1): that
+        stage's windows, frequencies and scale; 1 (the final validation): the final ones."""
+        stages = len(self.config.window_blocks)
+        row = stages if progress >= 1 else min(int(progress * stages), stages - 1)
+        self.windows.copy_(self.window_table[row])
+        self.freqs.copy_(self.freq_table[row])
+        self.attn_scale.copy_(self.scale_table[row])
 
     def compile_regions(self, **options):
         """Regional compilation (PyTorch's recipe): each block is compiled on its own and blocks of one kind
-        share the compiled code (value embeddings or not; training or evaluation), so compiling costs a few
-        blocks, not a graph of every block unrolled. The head's loss and the block masks are compiled too; the
-        embedding lookups and the U-net skips between the blocks run eagerly (a few elementwise ops).
-        fullgraph: a graph break is an error."""
+        share the compiled code (training or evaluation), so compiling costs a few blocks, not a graph of
+        every block unrolled. The head's loss and the block masks are compiled too; the embeddings, smear,
+        skip and backout between the blocks run eagerly (a few elementwise ops). fullgraph: a graph break is
+        an error."""
         for block in [m for m in self.modules() if isinstance(m, Block)]:
             block.compile(fullgraph=True, **options)
         self.__dict__.pop("head_loss", None)  # an earlier call's compiled version (the micro-batch probe's)
@@ -429,51 +582,74 @@ class GPT(nn.Module):
 
     def masks(self, idx, past_docs=None):
         """({long window?: mask}, document numbers) for idx (B, T), whose documents begin at each EOT
-        (past_docs: those of the tokens before it, when decoding). Training uses the scheduled windows;
-        evaluation and decoding the last stage's, the longest."""
+        (past_docs: those of the tokens before it, when decoding), at the windows schedule() set."""
         if self.config.attention == "sdpa":
             return {True: None, False: None}, None
         past = 0 if past_docs is None else past_docs.size(1)
         docs = (idx == EOT).cumsum(1)
         if past:  # decoding: new tokens continue the cached tokens' last document
             docs = torch.cat((past_docs, past_docs[:, -1:] + docs), dim=1)
-        windows = self.windows if self.training else self.final_windows
-        used = {block.long_window for block in self.blocks}
-        masks = {long: document_mask(docs, windows[0 if long else 1], past, self.build_block_mask)
+        used = {block.long_window for block in self.blocks if block.attn is not None}
+        masks = {long: document_mask(docs, self.windows[0 if long else 1], past, self.build_block_mask)
                  for long in used}
         return masks, docs
 
-    def hidden(self, idx, masks, caches=None, seen=None):  # seen: decoding's tokens so far (forward_cached)
-        x0 = norm(self.wte(idx))
+    def has_prev(self, idx, last=None):
+        """(B, T): the token has a predecessor in its document (not an EOT, not the stream's first unless
+        decoding continues after `last`)."""
+        first = torch.zeros_like(idx[:, :1], dtype=torch.bool) if last is None else torch.ones_like(
+            idx[:, :1], dtype=torch.bool)
+        return (idx != EOT) & torch.cat((first, torch.ones_like(idx[:, 1:], dtype=torch.bool)), dim=1)
+
+    def embed(self, idx, has_prev, last=None):
+        """(x0, bigram): the normed, smeared token embedding and the bigram embedding (or None)."""
+        x = self.wte(idx)
+        prev = look_back(x, has_prev, self.wte(last) if last is not None else None)
+        gate = torch.sigmoid(self.smear_gate(x[..., :self.smear_gate.in_features]))
+        x = x + self.smear_lambda * gate * prev
+        if not self.config.bigram_vocab:
+            return norm(x), None
+        return norm(x), self.bigram_embed(bigram_hash(idx, has_prev, self.config.bigram_vocab, last))
+
+    def hidden(self, idx, masks, caches=None, last=None, seen=None):  # seen: decoding's tokens so far
+        layout, has_prev = self.layout, self.has_prev(idx, last)
+        x0, bigram = self.embed(idx, has_prev, last)
         x = x0.clone()  # a tensor of its own: one tensor as both x and x0 would compile a third kind of block
-        tables = [table(idx if seen is None else seen) for table in self.value_embeds]  # decoding: all
-        skips, n_skip, L = [], len(self.skip_weights), len(self.blocks)
+        # MLA decoding: every token's value embeddings and has_prev (for the key offset), not the new ones'
+        tables = [table(idx if seen is None else seen) for table in self.value_embeds]
+        attn_prev = has_prev if seen is None else self.has_prev(seen)
+        skipped = backout = None
         for i, block in enumerate(self.blocks):
-            if i >= L - n_skip:
-                x = x + self.skip_weights[L - 1 - i] * skips.pop()
-            ve = tables[self.ve_table[i]] if self.ve_table[i] is not None else None
-            mask = masks[block.long_window]
+            if layout.skip and i == layout.skip[1]:
+                gate = 2 * torch.sigmoid(self.skip_gate(x0[..., :self.skip_gate.in_features]))
+                x = x + torch.sigmoid(self.skip_lambda) * gate * skipped
+            ve = tables[layout.ve[i]] if layout.ve[i] is not None else None
+            inputs = (x, x0, bigram, ve, masks[block.long_window], self.freqs, self.attn_scale, attn_prev)
             if caches is not None:
-                x = block(x, x0, ve, mask, caches[i])
+                x = block(*inputs, caches[i])
             elif self.config.activation_checkpointing and self.training:
-                x = checkpoint(block, x, x0, ve, mask, use_reentrant=False)
+                x = checkpoint(block, *inputs, use_reentrant=False)
             else:
-                x = block(x, x0, ve, mask)
-            if i < n_skip:
-                skips.append(x)
+                x = block(*inputs)
+            if layout.skip and i == layout.skip[0]:
+                skipped = x
+            if i == layout.backout:
+                backout = x
+        if backout is not None:
+            x = x - self.backout_lambda * backout
         return norm(x)
 
     def logits(self, x):
-        cap = self.config.logit_softcap
-        return cap * torch.tanh(self.lm_head(x).float() / cap)
+        return logit_transform(self.lm_head(x).float())
 
     def head_loss(self, x, targets):
         """The mean next-token loss of the final states x (B, T, C) against targets (B, T; -1: none)."""
-        return linear_softcap_cross_entropy(x, self.lm_head.weight, targets, self.config.logit_softcap)
+        return linear_logit_cross_entropy(x, self.lm_head.weight, targets, LOGIT_CAP, LOGIT_OFFSET,
+                                          LOGIT_WIDTH)
 
     def forward(self, idx, targets=None):
         """idx (B, T) token streams -> logits (B, T, vocab); with targets (B, T) the mean loss instead."""
-        if self.config.attention == "sdpa":  # rows of seq_len tokens, each causal on its own
+        if self.config.attention == "sdpa" and idx.size(1) > self.config.seq_len:  # causal rows
             idx = idx.reshape(-1, self.config.seq_len)
             targets = targets.reshape(-1, self.config.seq_len) if targets is not None else None
         x = self.hidden(idx, self.masks(idx)[0])
@@ -484,18 +660,21 @@ class GPT(nn.Module):
     @torch.no_grad()
     def forward_cached(self, idx, cache=None):
         """Decode with a KV cache: idx (B, T) continues the tokens held in cache (None starts one), with the
-        same document masking and the last stage's windows. Returns (logits of the new tokens, cache);
-        positions must stay below config.seq_len."""
-        cache = cache or dict(docs=None, idx=None, layers=[{} for _ in self.blocks])
+        same document masking and the windows schedule() set (a fresh or loaded model: the final ones).
+        Returns (logits of the new tokens, cache); positions must stay below config.seq_len."""
+        cache = cache or dict(docs=None, last=None, idx=None, layers=[{} for _ in self.blocks])
         # MLA: the token ids too (one per token for the whole model), for the cached tokens' value embeddings
         cache["idx"] = idx if cache["idx"] is None else torch.cat((cache["idx"], idx), dim=1)
         if self.config.attention == "sdpa":
-            S = cache["idx"].size(1)
-            causal = torch.ones(idx.size(1), S, dtype=torch.bool, device=idx.device).tril(S - idx.size(1))
+            past = cache["idx"].size(1) - idx.size(1)
+            causal = torch.ones(idx.size(1), past + idx.size(1), dtype=torch.bool, device=idx.device)
+            causal = causal.tril(past)
             masks = {True: causal, False: causal}
         else:
             masks, cache["docs"] = self.masks(idx, cache["docs"])
-        return self.logits(self.hidden(idx, masks, cache["layers"], cache["idx"])), cache
+        x = self.hidden(idx, masks, cache["layers"], cache["last"], cache["idx"])
+        cache["last"] = idx[:, -1:]
+        return self.logits(x), cache
 
     def causal_outputs(self, idx):
         """Every output as name -> (tensor with time on dim 1, lookahead): position t may depend on tokens
@@ -504,10 +683,14 @@ class GPT(nn.Module):
 
     def describe(self):
         """A line about the idea for the run log at start-up (its extra FLOPs, its cache size); "": none."""
-        c = self.config
+        c, layout = self.config, self.layout
+        layers, gated = sum(layout.attends), sum(t is not None for t in layout.ve)
+        per_layer = c.kv_lora_rank + c.rope_head_dim + c.n_head
+        total, standard = layers * per_layer + gated * c.n_head, layers * 2 * c.n_embd
         return (f"MLA: the decoding cache holds {c.kv_lora_rank} + {c.rope_head_dim} + {c.n_head} ="
-                f" {c.kv_lora_rank + c.rope_head_dim + c.n_head} numbers per token per layer (latent, rotary"
-                f" key, key scale per head; standard attention: 2 x {c.n_embd} = {2 * c.n_embd})")
+                f" {per_layer} numbers per token per attention layer (latent, rotary key, key scale per"
+                f" head), + {c.n_head} value-embedding gates in {gated} of them: {total} over {layers} layers"
+                f" (standard attention: {layers} x 2 x {c.n_embd} = {standard})")
 
     def log_stats(self):
         """{name: 0-d tensor} measured by the step just taken, for its step line (MoE's expert load)."""
@@ -686,14 +869,15 @@ class Hyperparameters(IdeaFlags):
     val_files: str = "data/fineweb10B/fineweb_val_*.bin"  # glob of validation shards; their first val_tokens
     # model
     vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128
-    n_layer: int = 12  # transformer blocks
+    n_layer: int = 11  # transformer blocks (the record's layout: Layout, in the model section)
     n_head: int = 6  # attention heads; head_dim = n_embd / n_head (128, modded-nanogpt 2024-10-14)
     n_embd: int = 768  # model width
-    logit_softcap: float = 15.0  # logits = cap * tanh(logits / cap) (2025-01-04 record)
-    value_embeds: int = 3  # value-embedding tables, for the first and the last this many layers (2024-12-04)
+    value_embeds: int = 5  # gated value-embedding tables: first 2, last 3 attention layers (2026-01-26)
+    bigram_vocab: int = 251520  # rows of the bigram hash embedding (2026-01-19: 5 x 50304; 0: none)
     attention: str = "flex"  # flex: packed streams, document masks, sliding windows; sdpa: plain causal rows
     seq_len: int = 1024  # --attention=sdpa only: tokens per causal row (flex: streams of device_batch_tokens)
     window_blocks: str = "3,7,11"  # long attention window per stage of training, in 128-token blocks
+    final_window_blocks: str = "20,6"  # long,short windows of the final validation, in blocks (2025-09-21)
     doc_cap: int = 2048  # training documents are cut to their first this many tokens (2025-09-03; 0: uncut)
     # optimisation
     num_iterations: int = 2160  # optimizer steps (the LR, batch and window schedules are laid out over them)
@@ -957,7 +1141,7 @@ def log_step(run, record, t0):
 
 def diverged(run, loss, step):
     """Has the loss diverged? A step's loss is bad when it is no better than guessing uniformly (above
-    ln(vocab_size) - 0.1: where a blown-up model sits, the softcap keeping its loss finite) or 2 nats over the
+    ln(vocab_size) - 0.1: where a blown-up model sits, the logit cap keeping its loss finite) or 2 nats over the
     best so far; diverge_steps bad steps running, after the LR warm-up, are a divergence. A healthy run is
     below both within a few steps and never 2 over its best for long."""
     args, state = run.args, run.state
@@ -1089,12 +1273,14 @@ LIMITS = {
     "n_layer": (at_least(1), "an integer >= 1"),
     "n_head": (at_least(1), "an integer >= 1"),
     "n_embd": (at_least(4), "an integer >= 4"),
-    "logit_softcap": (lambda v: 0 < v < math.inf, "a number > 0"),
+    "bigram_vocab": (lambda v: v == 0 or 2 <= v < math.inf, "0 (none) or an integer >= 2"),
     "value_embeds": (at_least(0), "an integer >= 0"),
     "attention": (lambda v: v in ("flex", "sdpa"), "flex or sdpa"),
     "seq_len": (at_least(1), "an integer >= 1"),
     "window_blocks": (lambda v: re.fullmatch(r"[1-9][0-9]*(,[1-9][0-9]*)*", v),
                       "whole numbers >= 1, comma-separated"),
+    "final_window_blocks": (lambda v: re.fullmatch(r"[1-9][0-9]*,[1-9][0-9]*", v),
+                            "two whole numbers >= 1, long,short"),
     "doc_cap": (at_least(0), "an integer >= 0 (0: uncut)"),
     "num_iterations": (at_least(1), "an integer >= 1"),
     "batch_tokens": (at_least(1), "an integer >= 1"),
@@ -1236,14 +1422,14 @@ def resolve_flags(argv):
         if preset:
             notes.append(f"--preset={given['preset']} applied over the checkpoint's settings, then the flags "
                          "given")
-    if args.value_embeds > args.n_layer // 2:  # the first and the last value_embeds layers each get a table
+    room = max_value_embeds(args.n_layer)  # one table per attention layer at most
+    if args.value_embeds > room:
         if "value_embeds" in given:
-            raise SystemExit(f"error: --value_embeds={args.value_embeds}: at most --n_layer={args.n_layer} "
-                             f"// 2 = {args.n_layer // 2} (tables for the first and the last that many "
-                             "layers)")
-        notes.append(f"value_embeds {args.value_embeds} -> {args.n_layer // 2}: --n_layer={args.n_layer} has "
-                     f"room for {args.n_layer // 2} at each end")
-        args.value_embeds = args.n_layer // 2
+            raise SystemExit(f"error: --value_embeds={args.value_embeds}: at most {room} for --n_layer="
+                             f"{args.n_layer} (one table per attention layer)")
+        notes.append(f"value_embeds {args.value_embeds} -> {room}: --n_layer={args.n_layer} has room for "
+                     f"{room}")
+        args.value_embeds = room
     return args, ckpt, notes
 
 
