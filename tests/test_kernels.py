@@ -231,7 +231,8 @@ def test_default_chunk_bounds_logits_memory():
 # neither the cross-entropy nor its gradient: the record's head is softcap=11.5, offset=5, width=15.
 SIGMOID_HEAD = {"offset": 5.0, "width": 15.0}
 # Each CE path as (x, weight, targets, softcap, **kwargs) -> loss, so that all are checked on the
-# same head: the plain CE ones on F.linear's fp32 logits, whose grads reach x and weight by autograd.
+# same head: the plain CE ones on F.linear's fp32 logits, whose grads reach x and weight through
+# autograd.
 CE_PATHS = {
     "softcap_ce_triton": lambda a, w, *args, **kw: ce.softcap_cross_entropy_triton(
         F.linear(a, w), *args, **kw),
@@ -245,8 +246,8 @@ CE_PATHS = {
 
 def sigmoid_head_results(path, reduction, n, c, v, **transform):
     """(name, got, want) for the loss and its grads wrt x and weight: `path` run in fp32 with
-    softcap 11.5 and `transform`, against float64 F.cross_entropy of 23 * sigmoid((x @ W.T + 5) / 7.5)
-    (written without tanh, so the comparison does not share the kernels' formula)."""
+    softcap 11.5 and `transform`, against float64 F.cross_entropy of
+    23 * sigmoid((x @ W.T + 5) / 7.5) (written without tanh: it shares no formula with the kernels)."""
     torch.manual_seed(15)
     x, weight = torch.randn(n, c), torch.randn(v, c) * 0.5  # logits ~ N(0, c / 4)
     targets = make_targets((n,), v)  # every 4th row ignored (-1), one target in the masked tail
@@ -511,10 +512,11 @@ def test_custom_ops_opcheck():
 
 # ---- bench ----
 
-def test_bench_runs_on_cpu(capsys):
+@pytest.mark.parametrize("head", [[], ["--softcap", "11.5", "--offset", "5", "--width", "15"]])
+def test_bench_runs_on_cpu(capsys, head):
     rows = bench.main(["--device", "cpu", "--tokens", "16", "--vocab", "64", "--dim", "32",
                        "--xxt-shapes", "40x24,2x40x24", "--no-compile", "--warmup", "1",
-                       "--reps", "1"])
+                       "--reps", "1", *head])
     out = capsys.readouterr().out
     assert "linear+softcap CE" in out and "xxt 2x40x24" in out
     assert len(rows) == 4 * 3
