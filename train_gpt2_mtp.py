@@ -266,7 +266,7 @@ def mtp_weights(config, progress):
         return [2.0 ** -d * min(1.0, max(0.0, D + 1 - d - (D + 1) * progress)) for d in range(1, D + 1)]
     left = max(0.0, 1.0 - progress / config.mtp_weight_zero_at)  # the part of the decay still ahead
     factor = {"constant": 1.0, "linear": left, "cosine": 0.5 - 0.5 * math.cos(math.pi * left)}
-    return [config.mtp_weight * factor[config.mtp_weight_schedule] / D] * D
+    return [config.mtp_weight * factor[config.mtp_weight_schedule] / max(D, 1)] * D  # depth 0: []
 
 
 def max_value_embeds(n_layer):
