@@ -1,12 +1,16 @@
 """GPT-2 speedrun baseline + Multi-Token Prediction (MTP): an auxiliary loss on predicting further tokens.
 
-DeepSeek-V3's sequential MTP (DeepSeek-AI 2024, "DeepSeek-V3 Technical Report", section 2.2): depth d =
-1..mtp_depth combines depth d-1's hidden state at position i with the embedding of token i+d, runs one
-transformer block and predicts token i+d+1 through the shared output head. Training loss = next-token loss +
-mtp_weight * mean of the MTP losses, the weight following --mtp_weight_schedule; validation (eval mode) is the
-plain next-token loss, so val losses compare with every other script. The MTP modules (state-dict keys
-`mtp.*`) are not needed for inference: a model built with mtp_depth=0 loads an MTP checkpoint and gives the
-same logits.
+Depth d = 1..mtp_depth also predicts token t+1+d, in one of two ways (--mtp_mode):
+- modules, DeepSeek-V3's sequential MTP (DeepSeek-AI 2024, "DeepSeek-V3 Technical Report", section 2.2):
+  depth d combines depth d-1's hidden state at position i with the embedding of token i+d, runs one
+  transformer block and predicts token i+d+1 through the shared output head. Training loss = next-token loss
+  + mtp_weight * mean of the MTP losses, the weight following --mtp_weight_schedule. The MTP modules
+  (state-dict keys `mtp.*`) are not needed for inference: a model built with mtp_depth=0 loads an MTP
+  checkpoint and gives the same logits.
+- param_free, the record's parameter-free MTP (modded-nanogpt 2025-12-22, "MultiTokenPrediction"): the
+  logits at t also score token t+1+d, never one in a later document, at weights [1, 0.5, 0.25->0] ->
+  [1, 0.5->0] -> [1] over the thirds of the run (--mtp_depth=2, the record's): no parameters, no extra matmul.
+Validation (eval mode) is the plain next-token loss in both, so val losses compare with every other script.
 
     torchrun --nproc_per_node=1 train_gpt2_mtp.py   124M on FineWeb (python data/fineweb.py --shards 8)
     python train_gpt2_mtp.py --preset=tiny          a CPU-sized run on the bundled sample in data/sample/
@@ -70,12 +74,12 @@ except ImportError:  # a script copied out of the repo still runs, in plain PyTo
 
 
 # ---- kernels ----
-def linear_softcap_cross_entropy(x, weight, targets, softcap):
-    """Mean cross-entropy of softcap * tanh((x @ weight.T) / softcap) against targets (-1 = ignore)."""
+def linear_logit_cross_entropy(x, weight, targets, cap, offset=0.0, width=None):
+    """Mean cross-entropy of the logits cap * tanh((x @ weight.T + offset) / width) (width None: cap) against
+    targets (-1 = ignore)."""
     if kernels is not None:  # with --kernels=1, chunked: the full (tokens x vocab) logits never exist at once
-        return kernels.linear_softcap_cross_entropy(x, weight, targets, softcap)
-    logits = F.linear(x, weight).float()
-    logits = softcap * torch.tanh(logits / softcap)
+        return kernels.linear_softcap_cross_entropy(x, weight, targets, cap, offset=offset, width=width)
+    logits = cap * torch.tanh((F.linear(x, weight).float() + offset) / (width or cap))
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
@@ -151,17 +155,19 @@ BLOCK = 128  # FlexAttention's block size; attention windows come in whole block
 @dataclass
 class IdeaFlags:
     """An idea script's own flags, declared once: GPTConfig and Hyperparameters both inherit these fields, so
-    each is a --name=value flag and a model setting. Here MTP's (DeepSeek-V3 section 2.2)."""
-    mtp_depth: int = 1  # MTP depths: depth d also predicts token t+1+d (DeepSeek-V3: 1); 0 = none (inference)
-    mtp_weight: float = 0.3  # weight of the mean MTP loss at the start (DeepSeek-V3: 0.3, later 0.1)
-    mtp_weight_schedule: str = "linear"  # constant, linear or cosine: the weight's decay to 0 at zero_at
-    mtp_weight_zero_at: float = 1.0  # run progress (0..1) at which a decaying MTP weight reaches 0
+    each is a --name=value flag and a model setting. Here MTP's (DeepSeek-V3 section 2.2; 2025-12-22)."""
+    mtp_mode: str = "modules"  # modules: DeepSeek-V3's MTP blocks; param_free: the record's (2025-12-22)
+    mtp_depth: int = 1  # MTP depths: depth d also predicts token t+1+d (DeepSeek-V3: 1, record: 2); 0 = none
+    mtp_weight: float = 0.3  # modules: the mean MTP loss's weight at the start (DeepSeek-V3: 0.3, later 0.1)
+    mtp_weight_schedule: str = "linear"  # modules: constant, or a linear or cosine decay to 0 at zero_at
+    mtp_weight_zero_at: float = 1.0  # modules: run progress (0..1) at which a decaying MTP weight reaches 0
 
     def check(self):
         """Stop with a one-line error naming the first bad flag, its value and what is allowed (the shared
         flags' limits are LIMITS, in the harness). Runs for the flags given and for a checkpoint's saved
         config."""
         for flag, ok, expected in (
+                ("mtp_mode", self.mtp_mode in ("modules", "param_free"), "modules or param_free"),
                 ("mtp_depth", self.mtp_depth >= 0, "an integer >= 0 (0: no MTP)"),
                 ("mtp_weight", 0 <= self.mtp_weight < math.inf,
                  "a number >= 0 (a negative weight would maximise the MTP loss)"),
@@ -176,12 +182,13 @@ class IdeaFlags:
 class GPTConfig(IdeaFlags):
     vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128 for fast matmuls (nanoGPT)
     seq_len: int = 16384  # the longest stream it trains on (sample.py's context); sdpa: the causal row length
-    n_layer: int = 12
+    n_layer: int = 11  # the record's 11 layers (2025-12-14): 10 attend (not the 7th), all have an MLP
     n_head: int = 6  # head_dim 128 (modded-nanogpt 2024-10-14)
     n_embd: int = 768
-    logit_softcap: float = 15.0  # logits = cap * tanh(logits / cap) (Gemma 2; 30 -> 15 in the 2025-01-04 run)
-    value_embeds: int = 3  # value-embedding tables for the first and the last this many layers (2024-12-04)
+    value_embeds: int = 5  # gated value-embedding tables, first 2 and last 3 attention layers (2026-01-26)
+    bigram_vocab: int = 251520  # rows of the bigram hash embedding, 5 x 50304 (2026-01-19; 0: none)
     window_blocks: tuple = (3, 7, 11)  # long attention window per stage of training, in blocks (2025-11-29)
+    final_window_blocks: tuple = (20, 6)  # (long, short) windows of the final validation (2025-09-21 record)
     attention: str = "flex"  # flex: document-masked windowed attention over packed streams; sdpa: causal rows
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
 
@@ -198,29 +205,73 @@ class GPTConfig(IdeaFlags):
         and a --seq_len row on SDPA."""
         settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name in vars(args)}
         streams = args.attention == "flex" and args.device_batch_tokens != "auto"
+        blocks = lambda text: tuple(int(w) for w in text.split(","))  # noqa: E731
         settings.update(seq_len=args.device_batch_tokens if streams else args.seq_len,
-                        window_blocks=tuple(int(w) for w in args.window_blocks.split(",")))
+                        window_blocks=blocks(args.window_blocks),
+                        final_window_blocks=blocks(args.final_window_blocks))
         return cls(**settings)
 
 
-def training_flops_per_token(config):
+@dataclass(frozen=True)
+class Layout:
+    """What each layer has, placed as in the record's 11-layer model and counted from the top, so a deeper or
+    shallower model keeps the top's pattern: no attention in layer L-5 (2024-12-17, "drop an attn layer"),
+    long windows with the partial key offset in L-8 and L-1 (2025-12-14), XSA in L-10, L-8, L-7, L-4
+    (2026-04-29), the one skip L-8 -> L-5 (2025-11-18) and the backout of layer L-4 (2025-10-04), those three
+    from 8 layers up; value embeddings in the first and the last attention layers (2026-01-26)."""
+    attends: tuple  # per layer: has attention
+    long: tuple  # per layer: long window (and the key offset)
+    xsa: tuple  # per layer: exclusive self-attention
+    ve: tuple  # per layer: its value-embedding table, or None
+    skip: tuple | None  # (from, to): layer `to` adds the gated output of layer `from`
+    backout: int | None  # the layer whose output is subtracted before the head
+
+    @classmethod
+    def of(cls, n_layer, value_embeds):
+        L, deep = n_layer, n_layer >= 8
+        top = lambda *depths: {L - d for d in depths if d <= L}  # noqa: E731
+        attends = tuple(not (deep and i == L - 5) for i in range(L))
+        layers = [i for i in range(L) if attends[i]]
+        n = min(value_embeds, len(layers))
+        with_ve = layers[:n // 2] + layers[len(layers) - (n - n // 2):]
+        return cls(attends=attends, long=tuple(i in top(8, 1) for i in range(L)),
+                   xsa=tuple(i in top(10, 8, 7, 4) and attends[i] for i in range(L)),
+                   ve=tuple(with_ve.index(i) if i in with_ve else None for i in range(L)),
+                   skip=(L - 8, L - 5) if deep else None, backout=L - 4 if deep else None)
+
+
+def training_flops_per_token(model):
     """(main model, MTP modules) training FLOPs per token: 6 per weight that multiplies (forward + backward,
-    Kaplan et al. 2020) plus 12 * width * keys per attention layer (PaLM, Chowdhery et al. 2022, app. B), the
-    keys counted as a causal row of the last stage's long window, as tests/test_model.py counts the baseline.
-    """
-    C, V, keys = config.n_embd, config.vocab_size, config.window_blocks[-1] * BLOCK
-    # q, k, v, proj (4 C^2) and the 4x MLP (8 C^2), then attention itself
-    block = 6 * 12 * C * C + 12 * C * keys
-    head = 6 * V * C  # the (shared) output head: each depth pays for its own logits
-    return config.n_layer * block + head, config.mtp_depth * (6 * 2 * C * C + block + head)
+    Kaplan et al. 2020; each nn.Linear once, the head once per depth too) plus 12 * width * keys per attention
+    layer (PaLM, Chowdhery et al. 2022, app. B), the keys counted as a causal row of the last stage's long
+    window, as tests/test_model.py counts the baseline. param_free adds no matmul: (main, 0)."""
+    keys = model.config.window_blocks[-1] * BLOCK
+
+    def flops(module):
+        return sum(6 * m.weight.numel() if isinstance(m, nn.Linear) else 12 * m.c_q.in_features * keys
+                   for m in module.modules() if isinstance(m, (nn.Linear, CausalSelfAttention)))
+    extra = flops(model.mtp) + len(model.mtp) * 6 * model.lm_head.weight.numel()
+    return flops(model) - flops(model.mtp), extra
 
 
-def mtp_weight_factor(schedule, progress, zero_at):
-    """The multiplier of --mtp_weight at this run progress in [0, 1]: 1 throughout (constant), or decaying
-    from 1 at the start to 0 at progress zero_at (linear, or cosine: slow at first), then 0. The extra signal
-    helps most early; late in the run the MTP loss competes with the next-token loss the target measures."""
-    left = max(0.0, 1.0 - progress / zero_at)  # the part of the decay still ahead
-    return {"constant": 1.0, "linear": left, "cosine": 0.5 - 0.5 * math.cos(math.pi * left)}[schedule]
+def mtp_weights(config, progress):
+    """Each depth's loss weight at this run progress in [0, 1]. modules: mtp_weight / depth (the mean of the
+    MTP losses) times 1 throughout (constant), or a decay from 1 at the start to 0 at progress zero_at
+    (linear, or cosine: slow at first): the extra signal helps most early; late in the run it competes with
+    the next-token loss the target measures. param_free, the record's (2025-12-22): depth d at 2^-d, fading
+    linearly to 0 over stage D + 1 - d of D + 1 equal stages; at D = 2, [0.5, 0.25 -> 0] -> [0.5 -> 0] -> []
+    by thirds, after the next-token loss's 1."""
+    D = config.mtp_depth
+    if config.mtp_mode == "param_free":
+        return [2.0 ** -d * min(1.0, max(0.0, D + 1 - d - (D + 1) * progress)) for d in range(1, D + 1)]
+    left = max(0.0, 1.0 - progress / config.mtp_weight_zero_at)  # the part of the decay still ahead
+    factor = {"constant": 1.0, "linear": left, "cosine": 0.5 - 0.5 * math.cos(math.pi * left)}
+    return [config.mtp_weight * factor[config.mtp_weight_schedule] / max(D, 1)] * D  # depth 0: []
+
+
+def max_value_embeds(n_layer):
+    """The most value-embedding tables a model of n_layer layers can use: one per attention layer."""
+    return sum(Layout.of(n_layer, 0).attends)
 
 
 def norm(x):
@@ -228,24 +279,31 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
-class Rotary(nn.Module):
-    """Rotary position embedding (Su et al. 2021, RoFormer), half-truncated (modded-nanogpt 2024-12-17): half
-    of the channel pairs turn at frequencies from 1 down to 1/1024 per token, the other half not at all, so
-    part of each head matches on content alone, at any distance."""
+def rotary_frequencies(head_dim):
+    """Half-truncated rotary (modded-nanogpt 2024-12-17): half of the channel pairs turn at frequencies from
+    1 down to 1/1024 per token, the other half not at all, so part of each head matches on content alone."""
+    turning = (1 / 1024) ** torch.linspace(0, 1, head_dim // 4)
+    return torch.cat((turning, turning.new_zeros(head_dim // 2 - head_dim // 4)))
 
-    def __init__(self, head_dim):
-        super().__init__()
-        inv_freq = (1 / 1024) ** torch.linspace(0, 1, head_dim // 4)
-        still = inv_freq.new_zeros(head_dim // 2 - head_dim // 4)
-        self.register_buffer("inv_freq", torch.cat((inv_freq, still)), persistent=False)
 
-    def forward(self, x, pos=0):  # x: (B, T, heads, head_dim); pos: position of x's first token
-        # angles computed per call (cheap, fused by compile): no table to size for the longest stream
-        positions = torch.arange(pos, pos + x.size(1), device=x.device, dtype=torch.float32)
-        angles = torch.outer(positions, self.inv_freq)
-        cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
+def yarn(freqs, old_window, new_window, alpha=1, beta=32):
+    """YaRN (Peng et al. 2023) at a window change (2025-09-10 record): a frequency that turns fewer than alpha
+    times over the old window is slowed by old/new, one turning more than beta times is kept, in between a
+    blend; the attention scale grows by 1 + 0.2 ln(new/old). Returns (frequencies, scale factor)."""
+    turns = old_window * freqs / (2 * math.pi)
+    keep = torch.clamp((turns - alpha) / (beta - alpha), 0, 1)
+    ratio = old_window / new_window
+    return freqs * (ratio + keep * (1 - ratio)), 0.2 * math.log(new_window / old_window) + 1
+
+
+def rotate(x, freqs, pos=0):
+    """Rotary position embedding (Su et al. 2021, RoFormer) of x (B, T, heads, head_dim) whose first token is
+    at position pos; channel j turns with channel j + head_dim/2 at freqs[j]."""
+    positions = torch.arange(pos, pos + x.size(1), device=x.device, dtype=torch.float32)
+    angles = torch.outer(positions, freqs)  # per call (cheap, fused by compile): no table to size
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
 
 
 def document_mask(docs, window, past=0, build=create_block_mask):
@@ -271,41 +329,89 @@ def attend(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
 
+def look_back(x, has_prev, last=None):
+    """x (B, T, ...) shifted one token later: each position gets its predecessor's value, zero where it has
+    none (a document's first token, the stream's start); last: the value before x[:, 0] (decoding)."""
+    before = torch.zeros_like(x[:, :1]) if last is None else last
+    prev = torch.cat((before, x[:, :-1]), dim=1)
+    return prev * has_prev.view(*has_prev.shape, *[1] * (x.dim() - 2)).type_as(x)
+
+
+def uniform_(weight, std):
+    """The record's init (2025-01-16, "improved init"): uniform with this standard deviation."""
+    bound = 3 ** 0.5 * std
+    return nn.init.uniform_(weight, -bound, bound)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    GATE_INPUTS = 12  # the gates read the first 12 channels of the block's input (2025-08-23 record)
+
+    def __init__(self, config, long, xsa, ve):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
         self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
-        # separate q, k, v matrices so Muon orthogonalises each on its own
-        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.c_k = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.key_offset, self.xsa, self.ve = long, xsa, ve
+        # separate q, k, v matrices so Muon orthogonalises each on its own; uniform, std n_embd^-0.5 (record)
+        self.c_q, self.c_k, self.c_v = (nn.Linear(config.n_embd, config.n_embd, bias=False) for _ in range(3))
+        for lin in (self.c_q, self.c_k, self.c_v):
+            uniform_(lin.weight, config.n_embd ** -0.5)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         nn.init.zeros_(self.c_proj.weight)  # zero-init output projection: each block starts as identity
-        self.rotary = Rotary(self.head_dim)
-        # v = l0 * v + l1 * value embedding (2024-12-04 record, learned scalars as in 2024-12-08)
-        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))
+        # y_h *= sigmoid(W_h x[:12]): a head can switch itself off per token (sparse attention gate,
+        # 2025-08-23)
+        self.attn_gate = nn.Linear(self.GATE_INPUTS, self.n_head, bias=False)
+        nn.init.zeros_(self.attn_gate.weight)
+        if ve:  # v += 2 sigmoid(W_h x[:12]) ve per head (value-embedding gates, 2025-12-29): 1 at init
+            self.ve_gate = nn.Linear(self.GATE_INPUTS, self.n_head, bias=False)
+            nn.init.zeros_(self.ve_gate.weight)
+        if xsa:  # y -= tanh(a_h) (y.v / |v|^2) v: exclusive self-attention (arXiv:2603.09078; 2026-04-29)
+            self.xsa_alpha = nn.Parameter(torch.zeros(self.n_head))
+        # v scaled by l0 and the output by l1 (the record's lambdas on the qkv and o weights, 2025-12-26)
+        self.lambdas = nn.Parameter(torch.tensor([0.5, 1.0]))
 
-    def forward(self, x, ve, mask, cache=None):  # cache: this layer's past keys/values (decoding)
+    def forward(self, x, ve, mask, freqs, scale, has_prev, cache=None):  # cache: this layer's past (decoding)
         B, T, C = x.shape
         q, k, v = (lin(x).view(B, T, self.n_head, self.head_dim) for lin in (self.c_q, self.c_k, self.c_v))
-        v = self.lambdas[0] * v + (self.lambdas[1] * ve.view_as(v) if ve is not None else 0)
+        v = self.lambdas[0] * v
+        if ve is not None:
+            v = v + 2 * torch.sigmoid(self.ve_gate(x[..., :self.GATE_INPUTS]))[..., None] * ve.view_as(v)
         q, k = norm(q), norm(k)  # QK-norm (Dehghani et al. 2023): bounded attention logits at high LR
-        pos = cache["k"].size(2) if cache else 0
-        q, k = self.rotary(q, pos), self.rotary(k, pos)
+        pos = cache["k"].size(2) if cache and "k" in cache else 0
+        # the attention scale (0.1 at head_dim 128, YaRN-grown) as a factor on q: attend() divides by sqrt(d)
+        q, k = rotate(q, freqs, pos) * (scale * self.head_dim ** 0.5).type_as(q), rotate(k, freqs, pos)
+        if self.key_offset:  # a key's still channels come from the token before it: 1-layer induction
+            k = self.offset_keys(k, has_prev, cache)  # (2025-12-14 record), never across documents
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
         if cache is not None:  # decoding: new queries see the cached keys too (mask covers them)
-            if cache:
+            if "k" in cache:
                 k, v = torch.cat((cache["k"], k), dim=2), torch.cat((cache["v"], v), dim=2)
             cache["k"], cache["v"] = k, v
-        y = attend(q, k, v, mask)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        y = attend(q, k, v, mask)[:, :, -T:].transpose(1, 2)  # (B, T, heads, head_dim)
+        if self.xsa:
+            v_own = v[:, :, -T:].transpose(1, 2)
+            along = (y * v_own).sum(-1, keepdim=True) / v_own.square().sum(-1, keepdim=True).clamp_min(1e-8)
+            y = y - torch.tanh(self.xsa_alpha).type_as(y)[:, None] * along * v_own
+        y = y * torch.sigmoid(self.attn_gate(x[..., :self.GATE_INPUTS]))[..., None]
+        return self.lambdas[1] * self.c_proj(y.reshape(B, T, C))
+
+    def offset_keys(self, k, has_prev, cache):
+        """k with its still channels (the second quarter of each half) taken from the previous token's key,
+        where there is one in the same document; the cache keeps the last unshifted key for the next call."""
+        d = self.head_dim // 2
+        still = torch.cat((k[..., d // 2:d], k[..., d + d // 2:]), dim=-1)
+        prev = look_back(still, has_prev, cache.get("still") if cache is not None else None)
+        prev = torch.where(has_prev[..., None, None], prev, still)  # no predecessor: its own channels
+        if cache is not None:
+            cache["still"] = still[:, -1:]
+        half = d // 2
+        return torch.cat((k[..., :half], prev[..., :half], k[..., d:d + half], prev[..., half:]), dim=-1)
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        uniform_(self.c_fc.weight, 0.5 * config.n_embd ** -0.5)  # half the attention's std (record)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
         nn.init.zeros_(self.c_proj.weight)  # zero-init output projection (modded-nanogpt)
 
@@ -314,18 +420,26 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config, layer):
+    def __init__(self, config, layout, layer):
         super().__init__()
-        self.attn = CausalSelfAttention(config)
+        self.long_window = layout.long[layer]
+        has_ve = layout.ve[layer] is not None
+        self.attn = (CausalSelfAttention(config, layout.long[layer], layout.xsa[layer], has_ve)
+                     if layout.attends[layer] else None)
         self.mlp = MLP(config)
-        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # x = l0 * x + l1 * x0 (2024-11-06 record)
-        # long and short windows alternate, long at both ends of each U-net half (2025-01-26 record's layout)
-        self.long_window = min(layer, config.n_layer - 1 - layer) % 4 == 0
+        # x = resid * x + x0_lambda * x0 + bigram_lambda * bigram before each block (2025-11-18: 1.1;
+        # 2026-01-19: 0.1)
+        self.resid_lambda = nn.Parameter(torch.tensor(1.1))
+        self.x0_lambda = nn.Parameter(torch.tensor(0.0))
+        self.bigram_lambda = nn.Parameter(torch.tensor(0.1))
 
-    def forward(self, x, x0, ve, mask, cache=None):  # pre-norm residual block (GPT-2), x0: the embedding
+    def forward(self, x, x0, bigram, ve, mask, freqs, scale, has_prev, cache=None):  # pre-norm residual block
         # mask: this block's own (long or short window): a compiled block need not know which it is
-        x = self.lambdas[0] * x + self.lambdas[1] * x0
-        x = x + self.attn(norm(x), ve, mask, cache)
+        x = self.resid_lambda * x + self.x0_lambda * x0
+        if bigram is not None:
+            x = x + self.bigram_lambda * bigram
+        if self.attn is not None:
+            x = x + self.attn(norm(x), ve, mask, freqs, scale, has_prev, cache)
         return x + self.mlp(norm(x))
 
 
@@ -334,19 +448,38 @@ class MTPModule(nn.Module):
     d-1's state at position i (the main model's for d = 1). It has no embedding or head of its own: both are
     shared."""
 
-    def __init__(self, config):
+    def __init__(self, config, layout):
         super().__init__()
         # M: a hidden matrix, so Muon trains it
         self.proj = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)
-        self.block = Block(config, config.n_layer - 1)  # one more last layer, so the long window
+        # one more last layer (its long window, key offset, no XSA), without a value-embedding table: the
+        # tables belong to the trunk, and token i+d's identity already enters twice (DeepSeek-V3 shares only
+        # the embedding and head)
+        no_tables = dataclasses.replace(layout, ve=(None,) * config.n_layer)
+        self.block = Block(config, no_tables, config.n_layer - 1)
 
-    def forward(self, h, emb, masks):  # h is already RMS-normed: GPT.hidden and every depth end with norm
-        # emb, token i+d's normed embedding, is also the block's x0: the trunk's x0 at a position is the
-        # embedding of the token it reads, here token i+d. No value embedding: the tables belong to the
-        # trunk's first and last layers, and token i+d's identity already enters twice (DeepSeek-V3 shares
-        # only the embedding and head).
+    def forward(self, h, emb, bigram, masks, freqs, scale, has_prev):  # h is RMS-normed: hidden() ends so
+        # emb and bigram: the trunk's x0 and bigram embedding at position i+d, which the trunk's blocks add at
+        # the position whose token they read, here token i+d
         x = self.proj(torch.cat((h, emb), dim=-1))
-        return norm(self.block(x, emb, None, masks[self.block.long_window]))
+        return norm(self.block(x, emb, bigram, None, masks[self.block.long_window], freqs, scale, has_prev))
+
+
+def bigram_hash(idx, has_prev, rows, last=None):
+    """Each token's row in the bigram table: a hash of (previous token, token) (2026-01-19 record: 36313 and
+    27191, XOR, mod rows - 1); the last row for a token with no predecessor in its document (the record lets
+    a document's first token hash the previous document's last: ours sees nothing across documents)."""
+    prev = look_back(idx, has_prev, last)
+    hashed = torch.bitwise_xor(36313 * idx, 27191 * prev) % (rows - 1)
+    return torch.where(has_prev, hashed, rows - 1)
+
+
+def logit_transform(z):
+    """23 sigmoid((z + 5) / 7.5) (2025-12-26 record, -40 steps) less its constant: 11.5 tanh((z + 5) / 15)."""
+    return LOGIT_CAP * torch.tanh((z + LOGIT_OFFSET) / LOGIT_WIDTH)
+
+
+LOGIT_CAP, LOGIT_OFFSET, LOGIT_WIDTH = 11.5, 5.0, 15.0
 
 
 class GPT(nn.Module):
@@ -358,62 +491,87 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        L = config.n_layer
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        # value embeddings: layer i < n and layer L - n + i add table i to their values (2024-12-04,
-        # 2025-01-04)
-        n = min(config.value_embeds, L // 2)
-        self.value_embeds = nn.ModuleList([nn.Embedding(config.vocab_size, config.n_embd) for _ in range(n)])
-        self.ve_table = [i if i < n else i - (L - n) if i >= L - n else None for i in range(L)]
-        self.blocks = nn.ModuleList([Block(config, i) for i in range(L)])
-        # U-net (2024-11-10 record): layer L - 1 - i adds layer i's output, weighted, for i < L // 2
-        self.skip_weights = nn.Parameter(torch.ones(L // 2))
-        # untied from wte: input and output embeddings want different geometry and LRs (modded-nanogpt)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        nn.init.zeros_(self.lm_head.weight)  # zero-init head: the first loss is exactly ln(vocab_size)
-        # the long and short attention windows in tokens, set in place by schedule() so compiled graphs never
-        # change, from a table of every stage's on the same device (a copy from the CPU would wait for the GPU
-        # every step)
-        stages = range(len(config.window_blocks))
-        table = torch.stack([self.stage_windows(s) for s in stages])
-        self.register_buffer("window_table", table, persistent=False)
-        self.register_buffer("windows", self.windows_at(0.0), persistent=False)
-        # evaluation's and decoding's: a buffer too, since a tensor made inside a compiled forward breaks
-        # Inductor's FlexAttention mask code on CUDA (torch 2.11: "XBLOCK is not defined", found by the GPU
-        # check)
-        self.register_buffer("final_windows", self.windows_at(1.0), persistent=False)
+        self.layout = layout = Layout.of(config.n_layer, config.value_embeds)
+        C = config.n_embd
+        # head N(0, 0.005) and the embedding a copy of it, untied (2025-12-19 / 2025-12-22 records' init)
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        nn.init.normal_(self.lm_head.weight, std=0.005)
+        self.wte = nn.Embedding(config.vocab_size, C)
+        with torch.no_grad():
+            self.wte.weight.copy_(self.lm_head.weight)
+        # smear (2025-09-18): x_t += lambda sigmoid(W x_t[:12]) x_{t-1} on the embedding; lambda 0 and W 0
+        self.smear_gate = nn.Linear(CausalSelfAttention.GATE_INPUTS, 1, bias=False)
+        nn.init.zeros_(self.smear_gate.weight)
+        self.smear_lambda = nn.Parameter(torch.tensor(0.0))
+        self.value_embeds = nn.ModuleList([nn.Embedding(config.vocab_size, C)
+                                           for _ in range(sum(t is not None for t in layout.ve))])
+        for table in self.value_embeds:
+            nn.init.zeros_(table.weight)  # zero at init, as the 2026-01-26 record
+        if config.bigram_vocab:  # zero at init: learns what a token pair adds (2026-01-19)
+            self.bigram_embed = nn.Embedding(config.bigram_vocab, C)
+            nn.init.zeros_(self.bigram_embed.weight)
+        self.blocks = nn.ModuleList([Block(config, layout, i) for i in range(config.n_layer)])
+        if layout.skip:  # x += sigmoid(skip_lambda) 2 sigmoid(W x0[:12]) h_from (2025-11-18, gate 2025-12-29)
+            self.skip_gate = nn.Linear(CausalSelfAttention.GATE_INPUTS, 1, bias=False)
+            nn.init.zeros_(self.skip_gate.weight)
+            self.skip_lambda = nn.Parameter(torch.tensor(-1.5))
+        if layout.backout is not None:  # x -= backout_lambda h_backout before the head (2025-10-04)
+            self.backout_lambda = nn.Parameter(torch.tensor(0.5))
+        # built after the main model, so the main weights start as the baseline's with the same seed;
+        # param_free has none
+        self.mtp = nn.ModuleList([MTPModule(config, layout) for _ in range(config.mtp_depth)
+                                  if config.mtp_mode == "modules"])
+        # each depth's loss weight, set by schedule() in place: a tensor, so torch.compile never recompiles
+        # for it; not checkpointed (schedule() sets it before each step): a depth-0 model loads any checkpoint
+        self.register_buffer("mtp_weights", torch.tensor(mtp_weights(config, 0.0)), persistent=False)
+        # every stage's windows (tokens), rotary frequencies and attention scale, and the final validation's
+        # (the last row), tables on the model's device: schedule() copies a row in place, so compiled graphs
+        # never change and no copy from the CPU waits for the GPU. A fresh model is in its final state.
+        windows, freqs, scales = self.stage_tables()
+        self.register_buffer("window_table", windows, persistent=False)
+        self.register_buffer("freq_table", freqs, persistent=False)
+        self.register_buffer("scale_table", scales, persistent=False)
+        self.register_buffer("windows", windows[-1].clone())
+        self.register_buffer("freqs", freqs[-1].clone())
+        self.register_buffer("attn_scale", scales[-1].clone())
         self.build_block_mask = create_block_mask  # compile_regions() compiles it
-        # built after the main model, so the main weights start as the baseline's with the same seed
-        self.mtp = nn.ModuleList([MTPModule(config) for _ in range(config.mtp_depth)])
-        # the current MTP loss weight, set by schedule() in place: a tensor, so torch.compile never recompiles
-        # for it
-        self.register_buffer("mtp_weight", torch.tensor(float(config.mtp_weight)))
 
-    def window_stage(self, progress):
-        return min(int(progress * len(self.config.window_blocks)), len(self.config.window_blocks) - 1)
-
-    def stage_windows(self, stage):
-        """(long, short) windows in tokens in this stage of training: its long window, and half that (at least
-        one)."""
-        long = self.config.window_blocks[stage]
-        return torch.tensor([long * BLOCK, max(1, long // 2) * BLOCK])
-
-    def windows_at(self, progress):
-        return self.stage_windows(self.window_stage(progress))
+    def stage_tables(self):
+        """(windows (S + 1, 2), frequencies (S + 1, head_dim / 2), scales (S + 1)) of each of the S stages and
+        the final validation: long windows by window_blocks, short half as long (at least one block); YaRN at
+        each change of the long window; the final validation at final_window_blocks with the last stage's
+        frequencies and scale (the record widens its windows there without YaRN)."""
+        config = self.config
+        head_dim = config.n_embd // config.n_head
+        freqs, scale = rotary_frequencies(head_dim), 0.1 * (128 / head_dim) ** 0.5  # 0.1 at head_dim 128
+        rows, old = [], config.window_blocks[0]
+        for long in config.window_blocks:
+            if long != old:
+                freqs, grow = yarn(freqs, old * BLOCK, long * BLOCK)
+                scale, old = scale * grow, long
+            rows.append(([long * BLOCK, max(1, long // 2) * BLOCK], freqs, scale))
+        final = config.final_window_blocks
+        rows.append(([final[0] * BLOCK, final[1] * BLOCK], freqs, scale))
+        return (torch.tensor([r[0] for r in rows]), torch.stack([r[1] for r in rows]),
+                torch.tensor([r[2] for r in rows]))
 
     def schedule(self, progress):
-        """Called by the training loop before every optimizer step with the run's progress in [0, 1]."""
-        self.windows.copy_(self.window_table[self.window_stage(progress)])
-        c = self.config  # and the MTP weight for this point of the run
-        factor = mtp_weight_factor(c.mtp_weight_schedule, progress, c.mtp_weight_zero_at)
-        self.mtp_weight.fill_(c.mtp_weight * factor)
+        """Called by the training loop before every optimizer step with the run's progress in [0, 1): that
+        stage's windows, frequencies and scale; 1 (the final validation): the final ones."""
+        stages = len(self.config.window_blocks)
+        row = stages if progress >= 1 else min(int(progress * stages), stages - 1)
+        self.windows.copy_(self.window_table[row])
+        self.freqs.copy_(self.freq_table[row])
+        self.attn_scale.copy_(self.scale_table[row])
+        for weight, value in zip(self.mtp_weights, mtp_weights(self.config, progress)):  # and the MTP weights
+            weight.fill_(value)  # from a Python float: no copy from the host waits for the GPU
 
     def compile_regions(self, **options):
         """Regional compilation (PyTorch's recipe): each block is compiled on its own and blocks of one kind
-        share the compiled code (value embeddings or not; training or evaluation), so compiling costs a few
-        blocks, not a graph of every block unrolled. The head's loss and the block masks are compiled too; the
-        embedding lookups and the U-net skips between the blocks run eagerly (a few elementwise ops).
-        fullgraph: a graph break is an error."""
+        share the compiled code (training or evaluation), so compiling costs a few blocks, not a graph of
+        every block unrolled. The head's loss and the block masks are compiled too; the embeddings, smear,
+        skip and backout between the blocks run eagerly (a few elementwise ops). fullgraph: a graph break is
+        an error."""
         for block in [m for m in self.modules() if isinstance(m, Block)]:
             block.compile(fullgraph=True, **options)
         self.__dict__.pop("head_loss", None)  # an earlier call's compiled version (the micro-batch probe's)
@@ -422,58 +580,100 @@ class GPT(nn.Module):
 
     def masks(self, idx, past_docs=None):
         """({long window?: mask}, document numbers) for idx (B, T), whose documents begin at each EOT
-        (past_docs: those of the tokens before it, when decoding). Training uses the scheduled windows;
-        evaluation and decoding the last stage's, the longest."""
+        (past_docs: those of the tokens before it, when decoding), at the windows schedule() set."""
         if self.config.attention == "sdpa":
             return {True: None, False: None}, None
         past = 0 if past_docs is None else past_docs.size(1)
         docs = (idx == EOT).cumsum(1)
         if past:  # decoding: new tokens continue the cached tokens' last document
             docs = torch.cat((past_docs, past_docs[:, -1:] + docs), dim=1)
-        windows = self.windows if self.training else self.final_windows
-        used = {block.long_window for block in self.blocks}
-        masks = {long: document_mask(docs, windows[0 if long else 1], past, self.build_block_mask)
+        used = {block.long_window for block in self.blocks if block.attn is not None}
+        masks = {long: document_mask(docs, self.windows[0 if long else 1], past, self.build_block_mask)
                  for long in used}
         return masks, docs
 
-    def hidden(self, idx, masks, caches=None, x0=None):
-        x0 = norm(self.wte(idx)) if x0 is None else x0
+    def has_prev(self, idx, last=None):
+        """(B, T): the token has a predecessor in its document (not an EOT, not the stream's first unless
+        decoding continues after `last`)."""
+        first = torch.zeros_like(idx[:, :1], dtype=torch.bool) if last is None else torch.ones_like(
+            idx[:, :1], dtype=torch.bool)
+        return (idx != EOT) & torch.cat((first, torch.ones_like(idx[:, 1:], dtype=torch.bool)), dim=1)
+
+    def embed(self, idx, has_prev, last=None):
+        """(x0, bigram): the normed, smeared token embedding and the bigram embedding (or None)."""
+        x = self.wte(idx)
+        prev = look_back(x, has_prev, self.wte(last) if last is not None else None)
+        gate = torch.sigmoid(self.smear_gate(x[..., :self.smear_gate.in_features]))
+        x = x + self.smear_lambda * gate * prev
+        if not self.config.bigram_vocab:
+            return norm(x), None
+        return norm(x), self.bigram_embed(bigram_hash(idx, has_prev, self.config.bigram_vocab, last))
+
+    def hidden(self, idx, masks, caches=None, last=None, embedded=None):
+        layout, has_prev = self.layout, self.has_prev(idx, last)
+        x0, bigram = self.embed(idx, has_prev, last) if embedded is None else embedded
         x = x0.clone()  # a tensor of its own: one tensor as both x and x0 would compile a third kind of block
         tables = [table(idx) for table in self.value_embeds]
-        skips, n_skip, L = [], len(self.skip_weights), len(self.blocks)
+        skipped = backout = None
         for i, block in enumerate(self.blocks):
-            if i >= L - n_skip:
-                x = x + self.skip_weights[L - 1 - i] * skips.pop()
-            ve = tables[self.ve_table[i]] if self.ve_table[i] is not None else None
-            mask = masks[block.long_window]
+            if layout.skip and i == layout.skip[1]:
+                gate = 2 * torch.sigmoid(self.skip_gate(x0[..., :self.skip_gate.in_features]))
+                x = x + torch.sigmoid(self.skip_lambda) * gate * skipped
+            ve = tables[layout.ve[i]] if layout.ve[i] is not None else None
+            inputs = (x, x0, bigram, ve, masks[block.long_window], self.freqs, self.attn_scale, has_prev)
             if caches is not None:
-                x = block(x, x0, ve, mask, caches[i])
+                x = block(*inputs, caches[i])
             elif self.config.activation_checkpointing and self.training:
-                x = checkpoint(block, x, x0, ve, mask, use_reentrant=False)
+                x = checkpoint(block, *inputs, use_reentrant=False)
             else:
-                x = block(x, x0, ve, mask)
-            if i < n_skip:
-                skips.append(x)
+                x = block(*inputs)
+            if layout.skip and i == layout.skip[0]:
+                skipped = x
+            if i == layout.backout:
+                backout = x
+        if backout is not None:
+            x = x - self.backout_lambda * backout
         return norm(x)
 
     def logits(self, x):
-        cap = self.config.logit_softcap
-        return cap * torch.tanh(self.lm_head(x).float() / cap)
+        return logit_transform(self.lm_head(x).float())
 
-    def head_loss(self, x, targets):
-        """The mean next-token loss of the final states x (B, T, C) against targets (B, T; -1: none)."""
-        return linear_softcap_cross_entropy(x, self.lm_head.weight, targets, self.config.logit_softcap)
+    def head_loss(self, x, targets, weights=None):
+        """The mean next-token loss of the final states x (B, T, C) against targets (B, T; -1: none); with
+        weights (D,), param_free MTP: + weights[d-1] * the loss of the same logits on token t+1+d, each depth
+        summed over its positions and divided, as the record's sum of them all, by the next-token targets'
+        count (the full logits are built: no chunked kernel)."""
+        if weights is None:
+            return linear_logit_cross_entropy(x, self.lm_head.weight, targets, LOGIT_CAP, LOGIT_OFFSET,
+                                              LOGIT_WIDTH)
+        losses = self.token_losses(self.logits(x), targets, len(weights))
+        return (losses[..., 0].sum() + (losses[..., 1:] * weights).sum()) / (targets >= 0).sum()
 
-    def mtp_hidden(self, x, x0, masks):
+    @staticmethod
+    def token_losses(logits, targets, depth):
+        """(B, T, 1 + depth): the loss of the logits at t on token t+1+d (targets[:, t+d]) for d = 0..depth;
+        0 where that token is past the stream or ignored (-1), or, for d >= 1, lies in a later document (an
+        EOT among tokens t+1 .. t+1+d): the record scores those too; ours never scores another document's."""
+        ends = (targets == EOT).cumsum(1)  # at t: the EOTs among tokens 1 .. t+1
+        shifted = torch.stack([F.pad(targets[:, d:], (0, d), value=-1) for d in range(depth + 1)], dim=-1)
+        ahead = torch.stack([F.pad(ends[:, d:], (0, d)) for d in range(depth + 1)], dim=-1)
+        same_doc = (ahead == ends[..., None]) & (targets != EOT)[..., None]
+        same_doc[..., 0] = True  # the next token itself, an EOT included, as every script's loss
+        keep = (shifted >= 0) & same_doc
+        picked = logits.gather(-1, shifted.clamp_min(0))
+        return torch.where(keep, logits.logsumexp(-1, keepdim=True) - picked, 0.0)
+
+    def mtp_hidden(self, idx, x, embedded, masks):
         """Depth d's states (B, T, C): index i joins depth d-1's state at i and the embedding of token i + d,
-        predicts token i + d + 1 and sees tokens <= i + d only. x: the main model's states; x0: its normed
-        embeddings. Each depth runs on the trunk's T positions with the trunk's masks: index i carries
+        predicts token i + d + 1 and sees tokens <= i + d only. x: the main model's states; embedded: its
+        (x0, bigram). Each depth runs on the trunk's T positions with the trunk's masks: index i carries
         position i's state, so it attends within position i's document and window. The last d indices have no
         token i + d (zeros instead) and no target: callers drop them; causal attention keeps them from every
         other index."""
-        states = []
+        states, has_prev = [], self.has_prev(idx)
         for d, module in enumerate(self.mtp, 1):
-            inputs = (x, F.pad(x0[:, d:], (0, 0, 0, d)), masks)
+            ahead = [None if e is None else F.pad(e[:, d:], (0, 0, 0, d)) for e in embedded]
+            inputs = (x, *ahead, masks, self.freqs, self.attn_scale, has_prev)
             if self.config.activation_checkpointing and self.training:
                 x = checkpoint(module, *inputs, use_reentrant=False)
             else:
@@ -483,26 +683,27 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None):
         """idx (B, T) token streams -> logits (B, T, vocab) of the main head (MTP never runs); with targets
-        (B, T) the mean loss instead: in training mode next-token loss + mtp_weight * mean MTP loss, in eval
-        mode (validation) the next-token loss alone, comparable with every other script."""
+        (B, T) the mean loss instead: in training mode next-token loss + the weighted MTP losses, in eval mode
+        (validation) the next-token loss alone, comparable with every other script."""
         if self.config.attention == "sdpa" and idx.size(1) > self.config.seq_len:  # causal rows
             idx = idx.reshape(-1, self.config.seq_len)
             targets = targets.reshape(-1, self.config.seq_len) if targets is not None else None
         masks = self.masks(idx)[0]
-        x0 = norm(self.wte(idx))  # looked up once, shared by the main model and every depth
-        x = self.hidden(idx, masks, x0=x0)
+        embedded = self.embed(idx, self.has_prev(idx))  # looked up once, shared by the trunk and every depth
+        x = self.hidden(idx, masks, embedded=embedded)
         if targets is None:
             return self.logits(x)
-        loss = self.head_loss(x, targets)
-        if not self.training or not self.mtp:
-            return loss
-        # depth d at index i predicts token i + d + 1 = targets[:, i + d], across document ends too: at a
-        # document's last d indices depth d predicts the next document's first tokens, as the next-token loss
-        # predicts its EOT. Those last d indices have no target (-1, ignored): each depth's loss is the mean
-        # over its T - d, with the trunk's shapes, so one compiled head loss serves every depth
+        if not self.training or not self.config.mtp_depth:
+            return self.head_loss(x, targets)
+        if self.config.mtp_mode == "param_free":  # the same logits score every depth
+            return self.head_loss(x, targets, self.mtp_weights)
+        # depth d at index i predicts token i + d + 1 = targets[:, i + d], across document ends too (as v2):
+        # at a document's last d indices depth d predicts the next document's first tokens, as the next-token
+        # loss predicts its EOT. Those last d indices have no target (-1, ignored): each depth's loss is the
+        # mean over its T - d, with the trunk's shapes, so one compiled head loss serves every depth
         aux = [self.head_loss(h, F.pad(targets[:, d:], (0, d), value=-1))
-               for d, h in enumerate(self.mtp_hidden(x, x0, masks), 1)]
-        return loss + self.mtp_weight * torch.stack(aux).mean()
+               for d, h in enumerate(self.mtp_hidden(idx, x, embedded, masks), 1)]
+        return self.head_loss(x, targets) + (torch.stack(aux) * self.mtp_weights).sum()
 
     def load_state_dict(self, state_dict, *args, **kwargs):
         """A model built with mtp_depth=0 (inference: sample.py) loads an MTP checkpoint by dropping its
@@ -514,35 +715,42 @@ class GPT(nn.Module):
     @torch.no_grad()
     def forward_cached(self, idx, cache=None):
         """Decode with a KV cache: idx (B, T) continues the tokens held in cache (None starts one), with the
-        same document masking and the last stage's windows. Returns (logits of the new tokens, cache);
-        positions must stay below config.seq_len."""
-        cache = cache or dict(docs=None, layers=[{} for _ in self.blocks])
+        same document masking and the windows schedule() set (a fresh or loaded model: the final ones).
+        Returns (logits of the new tokens, cache); positions must stay below config.seq_len."""
+        cache = cache or dict(docs=None, last=None, layers=[{} for _ in self.blocks])
         if self.config.attention == "sdpa":
-            S = idx.size(1) + (cache["layers"][0]["k"].size(2) if cache["layers"][0] else 0)
-            causal = torch.ones(idx.size(1), S, dtype=torch.bool, device=idx.device).tril(S - idx.size(1))
+            past = cache["layers"][0]["k"].size(2) if "k" in cache["layers"][0] else 0
+            causal = torch.ones(idx.size(1), past + idx.size(1), dtype=torch.bool, device=idx.device)
+            causal = causal.tril(past)
             masks = {True: causal, False: causal}
         else:
             masks, cache["docs"] = self.masks(idx, cache["docs"])
-        return self.logits(self.hidden(idx, masks, cache["layers"])), cache
+        x = self.hidden(idx, masks, cache["layers"], cache["last"])
+        cache["last"] = idx[:, -1:]
+        return self.logits(x), cache
 
     def causal_outputs(self, idx):
         """Every output as name -> (tensor with time on dim 1, lookahead): position t may depend on tokens
         <= t + lookahead only. test_causality.py checks each of them."""
         masks = self.masks(idx)[0]
-        x0 = norm(self.wte(idx))  # one lookup, shifted by each depth (test_causality.py reads its gradients)
-        x = self.hidden(idx, masks, x0=x0)
+        embedded = self.embed(idx, self.has_prev(idx))  # one lookup, shifted by each depth
+        x = self.hidden(idx, masks, embedded=embedded)
         outputs = {"logits": (self.logits(x), 0)}
-        for d, h in enumerate(self.mtp_hidden(x, x0, masks), 1):
+        for d, h in enumerate(self.mtp_hidden(idx, x, embedded, masks), 1):
             outputs[f"mtp{d}_logits"] = (self.logits(h[:, :-d]), d)  # index i is position i; T - d of them
         return outputs
 
     def describe(self):
         """A line about the idea for the run log at start-up (its extra FLOPs, its cache size); "": none."""
-        main, extra = training_flops_per_token(self.config)
+        main, extra = training_flops_per_token(self)
+        if self.config.mtp_mode == "param_free":
+            last = self.config.mtp_depth + 1
+            return (f"MTP (param_free): the logits at t also score tokens t+2..t+{last}: no extra matmul "
+                    f"({main / 1e9:.3g} GFLOPs per token); the training loss builds the full fp32 logits "
+                    "(no chunked kernel)")
         return (f"MTP: depth {self.config.mtp_depth} adds {extra / 1e9:.3g} GFLOPs per token "
                 f"(+{100 * extra / main:.1f}% over the main model's {main / 1e9:.3g}; forward + backward, "
-                "6 per weight "
-                "+ attention)")
+                "6 per weight + attention)")
 
     def log_stats(self):
         """{name: 0-d tensor} measured by the step just taken, for its step line (MoE's expert load)."""
@@ -721,14 +929,15 @@ class Hyperparameters(IdeaFlags):
     val_files: str = "data/fineweb10B/fineweb_val_*.bin"  # glob of validation shards; their first val_tokens
     # model
     vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128
-    n_layer: int = 12  # transformer blocks
+    n_layer: int = 11  # transformer blocks (the record's layout: Layout, in the model section)
     n_head: int = 6  # attention heads; head_dim = n_embd / n_head (128, modded-nanogpt 2024-10-14)
     n_embd: int = 768  # model width
-    logit_softcap: float = 15.0  # logits = cap * tanh(logits / cap) (2025-01-04 record)
-    value_embeds: int = 3  # value-embedding tables, for the first and the last this many layers (2024-12-04)
+    value_embeds: int = 5  # gated value-embedding tables: first 2, last 3 attention layers (2026-01-26)
+    bigram_vocab: int = 251520  # rows of the bigram hash embedding (2026-01-19: 5 x 50304; 0: none)
     attention: str = "flex"  # flex: packed streams, document masks, sliding windows; sdpa: plain causal rows
     seq_len: int = 1024  # --attention=sdpa only: tokens per causal row (flex: streams of device_batch_tokens)
     window_blocks: str = "3,7,11"  # long attention window per stage of training, in 128-token blocks
+    final_window_blocks: str = "20,6"  # long,short windows of the final validation, in blocks (2025-09-21)
     doc_cap: int = 2048  # training documents are cut to their first this many tokens (2025-09-03; 0: uncut)
     # optimisation
     num_iterations: int = 2160  # optimizer steps (the LR, batch and window schedules are laid out over them)
@@ -992,7 +1201,7 @@ def log_step(run, record, t0):
 
 def diverged(run, loss, step):
     """Has the loss diverged? A step's loss is bad when it is no better than guessing uniformly (above
-    ln(vocab_size) - 0.1: where a blown-up model sits, the softcap keeping its loss finite) or 2 nats over the
+    ln(vocab_size) - 0.1: where a blown-up model sits, the logit cap keeping its loss finite) or 2 nats over the
     best so far; diverge_steps bad steps running, after the LR warm-up, are a divergence. A healthy run is
     below both within a few steps and never 2 over its best for long."""
     args, state = run.args, run.state
@@ -1124,12 +1333,14 @@ LIMITS = {
     "n_layer": (at_least(1), "an integer >= 1"),
     "n_head": (at_least(1), "an integer >= 1"),
     "n_embd": (at_least(4), "an integer >= 4"),
-    "logit_softcap": (lambda v: 0 < v < math.inf, "a number > 0"),
+    "bigram_vocab": (lambda v: v == 0 or 2 <= v < math.inf, "0 (none) or an integer >= 2"),
     "value_embeds": (at_least(0), "an integer >= 0"),
     "attention": (lambda v: v in ("flex", "sdpa"), "flex or sdpa"),
     "seq_len": (at_least(1), "an integer >= 1"),
     "window_blocks": (lambda v: re.fullmatch(r"[1-9][0-9]*(,[1-9][0-9]*)*", v),
                       "whole numbers >= 1, comma-separated"),
+    "final_window_blocks": (lambda v: re.fullmatch(r"[1-9][0-9]*,[1-9][0-9]*", v),
+                            "two whole numbers >= 1, long,short"),
     "doc_cap": (at_least(0), "an integer >= 0 (0: uncut)"),
     "num_iterations": (at_least(1), "an integer >= 1"),
     "batch_tokens": (at_least(1), "an integer >= 1"),
@@ -1271,14 +1482,14 @@ def resolve_flags(argv):
         if preset:
             notes.append(f"--preset={given['preset']} applied over the checkpoint's settings, then the flags "
                          "given")
-    if args.value_embeds > args.n_layer // 2:  # the first and the last value_embeds layers each get a table
+    room = max_value_embeds(args.n_layer)  # one table per attention layer at most
+    if args.value_embeds > room:
         if "value_embeds" in given:
-            raise SystemExit(f"error: --value_embeds={args.value_embeds}: at most --n_layer={args.n_layer} "
-                             f"// 2 = {args.n_layer // 2} (tables for the first and the last that many "
-                             "layers)")
-        notes.append(f"value_embeds {args.value_embeds} -> {args.n_layer // 2}: --n_layer={args.n_layer} has "
-                     f"room for {args.n_layer // 2} at each end")
-        args.value_embeds = args.n_layer // 2
+            raise SystemExit(f"error: --value_embeds={args.value_embeds}: at most {room} for --n_layer="
+                             f"{args.n_layer} (one table per attention layer)")
+        notes.append(f"value_embeds {args.value_embeds} -> {room}: --n_layer={args.n_layer} has room for "
+                     f"{room}")
+        args.value_embeds = room
     return args, ckpt, notes
 
 
