@@ -1,6 +1,6 @@
 """GPT-2 speedrun baseline + a DeepSeekMoE Mixture-of-Experts MLP (DeepSeek-V3 section 2.1.2): shared experts
 plus top-k of fine-grained routed experts, sigmoid gates, auxiliary-loss-free load balancing; compute-matched
-to the MLP.
+to the MLP, in each of the 11 layers (the attention-free layer 6 too).
 
     torchrun --nproc_per_node=1 train_gpt2_moe.py   124M on FineWeb (python data/fineweb.py --shards 8)
     python train_gpt2_moe.py --preset=tiny          a CPU-sized run on the bundled sample in data/sample/
@@ -64,12 +64,12 @@ except ImportError:  # a script copied out of the repo still runs, in plain PyTo
 
 
 # ---- kernels ----
-def linear_softcap_cross_entropy(x, weight, targets, softcap):
-    """Mean cross-entropy of softcap * tanh((x @ weight.T) / softcap) against targets (-1 = ignore)."""
+def linear_logit_cross_entropy(x, weight, targets, cap, offset=0.0, width=None):
+    """Mean cross-entropy of the logits cap * tanh((x @ weight.T + offset) / width) (width None: cap) against
+    targets (-1 = ignore)."""
     if kernels is not None:  # with --kernels=1, chunked: the full (tokens x vocab) logits never exist at once
-        return kernels.linear_softcap_cross_entropy(x, weight, targets, softcap)
-    logits = F.linear(x, weight).float()
-    logits = softcap * torch.tanh(logits / softcap)
+        return kernels.linear_softcap_cross_entropy(x, weight, targets, cap, offset=offset, width=width)
+    logits = cap * torch.tanh((F.linear(x, weight).float() + offset) / (width or cap))
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
@@ -150,7 +150,7 @@ class IdeaFlags:
     n_shared_experts: int = 2  # MoE: always-on experts, run as one MLP n_shared times as wide [2]
     moe_top_k: int = 2  # MoE: routed experts per token, by sigmoid affinity + balancing bias [2]
     moe_expert_hidden: int = 0  # MoE: each expert's ReLU² width (0: 4 * n_embd / (shared + top_k)) [768]
-    moe_every: int = 1  # MoE: layers i with (i + 1) % moe_every == 0 are MoE, the others MLPs [all 12]
+    moe_every: int = 1  # MoE: layers i with (i + 1) % moe_every == 0 are MoE, the others MLPs [all 11]
     moe_bias_rate: float = 0.001  # MoE: gamma, the per-step change of the balancing bias (DeepSeek-V3: 0.001)
     moe_balance_alpha: float = 0.0  # MoE: alpha of the sequence-wise balance loss (eq. 17-20); 0: off
 
@@ -178,12 +178,13 @@ class IdeaFlags:
 class GPTConfig(IdeaFlags):
     vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128 for fast matmuls (nanoGPT)
     seq_len: int = 16384  # the longest stream it trains on (sample.py's context); sdpa: the causal row length
-    n_layer: int = 12
+    n_layer: int = 11  # the record's 11 layers (2025-12-14): 10 attend (not the 7th), all have an MLP
     n_head: int = 6  # head_dim 128 (modded-nanogpt 2024-10-14)
     n_embd: int = 768
-    logit_softcap: float = 15.0  # logits = cap * tanh(logits / cap) (Gemma 2; 30 -> 15 in the 2025-01-04 run)
-    value_embeds: int = 3  # value-embedding tables for the first and the last this many layers (2024-12-04)
+    value_embeds: int = 5  # gated value-embedding tables, first 2 and last 3 attention layers (2026-01-26)
+    bigram_vocab: int = 251520  # rows of the bigram hash embedding, 5 x 50304 (2026-01-19; 0: none)
     window_blocks: tuple = (3, 7, 11)  # long attention window per stage of training, in blocks (2025-11-29)
+    final_window_blocks: tuple = (20, 6)  # (long, short) windows of the final validation (2025-09-21 record)
     attention: str = "flex"  # flex: document-masked windowed attention over packed streams; sdpa: causal rows
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
 
@@ -200,9 +201,44 @@ class GPTConfig(IdeaFlags):
         and a --seq_len row on SDPA."""
         settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name in vars(args)}
         streams = args.attention == "flex" and args.device_batch_tokens != "auto"
+        blocks = lambda text: tuple(int(w) for w in text.split(","))  # noqa: E731
         settings.update(seq_len=args.device_batch_tokens if streams else args.seq_len,
-                        window_blocks=tuple(int(w) for w in args.window_blocks.split(",")))
+                        window_blocks=blocks(args.window_blocks),
+                        final_window_blocks=blocks(args.final_window_blocks))
         return cls(**settings)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What each layer has, placed as in the record's 11-layer model and counted from the top, so a deeper or
+    shallower model keeps the top's pattern: no attention in layer L-5 (2024-12-17, "drop an attn layer"),
+    long windows with the partial key offset in L-8 and L-1 (2025-12-14), XSA in L-10, L-8, L-7, L-4
+    (2026-04-29), the one skip L-8 -> L-5 (2025-11-18) and the backout of layer L-4 (2025-10-04), those three
+    from 8 layers up; value embeddings in the first and the last attention layers (2026-01-26)."""
+    attends: tuple  # per layer: has attention
+    long: tuple  # per layer: long window (and the key offset)
+    xsa: tuple  # per layer: exclusive self-attention
+    ve: tuple  # per layer: its value-embedding table, or None
+    skip: tuple | None  # (from, to): layer `to` adds the gated output of layer `from`
+    backout: int | None  # the layer whose output is subtracted before the head
+
+    @classmethod
+    def of(cls, n_layer, value_embeds):
+        L, deep = n_layer, n_layer >= 8
+        top = lambda *depths: {L - d for d in depths if d <= L}  # noqa: E731
+        attends = tuple(not (deep and i == L - 5) for i in range(L))
+        layers = [i for i in range(L) if attends[i]]
+        n = min(value_embeds, len(layers))
+        with_ve = layers[:n // 2] + layers[len(layers) - (n - n // 2):]
+        return cls(attends=attends, long=tuple(i in top(8, 1) for i in range(L)),
+                   xsa=tuple(i in top(10, 8, 7, 4) and attends[i] for i in range(L)),
+                   ve=tuple(with_ve.index(i) if i in with_ve else None for i in range(L)),
+                   skip=(L - 8, L - 5) if deep else None, backout=L - 4 if deep else None)
+
+
+def max_value_embeds(n_layer):
+    """The most value-embedding tables a model of n_layer layers can use: one per attention layer."""
+    return sum(Layout.of(n_layer, 0).attends)
 
 
 def norm(x):
@@ -210,24 +246,31 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
-class Rotary(nn.Module):
-    """Rotary position embedding (Su et al. 2021, RoFormer), half-truncated (modded-nanogpt 2024-12-17): half
-    of the channel pairs turn at frequencies from 1 down to 1/1024 per token, the other half not at all, so
-    part of each head matches on content alone, at any distance."""
+def rotary_frequencies(head_dim):
+    """Half-truncated rotary (modded-nanogpt 2024-12-17): half of the channel pairs turn at frequencies from
+    1 down to 1/1024 per token, the other half not at all, so part of each head matches on content alone."""
+    turning = (1 / 1024) ** torch.linspace(0, 1, head_dim // 4)
+    return torch.cat((turning, turning.new_zeros(head_dim // 2 - head_dim // 4)))
 
-    def __init__(self, head_dim):
-        super().__init__()
-        inv_freq = (1 / 1024) ** torch.linspace(0, 1, head_dim // 4)
-        still = inv_freq.new_zeros(head_dim // 2 - head_dim // 4)
-        self.register_buffer("inv_freq", torch.cat((inv_freq, still)), persistent=False)
 
-    def forward(self, x, pos=0):  # x: (B, T, heads, head_dim); pos: position of x's first token
-        # angles computed per call (cheap, fused by compile): no table to size for the longest stream
-        positions = torch.arange(pos, pos + x.size(1), device=x.device, dtype=torch.float32)
-        angles = torch.outer(positions, self.inv_freq)
-        cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
+def yarn(freqs, old_window, new_window, alpha=1, beta=32):
+    """YaRN (Peng et al. 2023) at a window change (2025-09-10 record): a frequency that turns fewer than alpha
+    times over the old window is slowed by old/new, one turning more than beta times is kept, in between a
+    blend; the attention scale grows by 1 + 0.2 ln(new/old). Returns (frequencies, scale factor)."""
+    turns = old_window * freqs / (2 * math.pi)
+    keep = torch.clamp((turns - alpha) / (beta - alpha), 0, 1)
+    ratio = old_window / new_window
+    return freqs * (ratio + keep * (1 - ratio)), 0.2 * math.log(new_window / old_window) + 1
+
+
+def rotate(x, freqs, pos=0):
+    """Rotary position embedding (Su et al. 2021, RoFormer) of x (B, T, heads, head_dim) whose first token is
+    at position pos; channel j turns with channel j + head_dim/2 at freqs[j]."""
+    positions = torch.arange(pos, pos + x.size(1), device=x.device, dtype=torch.float32)
+    angles = torch.outer(positions, freqs)  # per call (cheap, fused by compile): no table to size
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
 
 
 def document_mask(docs, window, past=0, build=create_block_mask):
@@ -253,41 +296,89 @@ def attend(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
 
+def look_back(x, has_prev, last=None):
+    """x (B, T, ...) shifted one token later: each position gets its predecessor's value, zero where it has
+    none (a document's first token, the stream's start); last: the value before x[:, 0] (decoding)."""
+    before = torch.zeros_like(x[:, :1]) if last is None else last
+    prev = torch.cat((before, x[:, :-1]), dim=1)
+    return prev * has_prev.view(*has_prev.shape, *[1] * (x.dim() - 2)).type_as(x)
+
+
+def uniform_(weight, std):
+    """The record's init (2025-01-16, "improved init"): uniform with this standard deviation."""
+    bound = 3 ** 0.5 * std
+    return nn.init.uniform_(weight, -bound, bound)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    GATE_INPUTS = 12  # the gates read the first 12 channels of the block's input (2025-08-23 record)
+
+    def __init__(self, config, long, xsa, ve):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
         self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
-        # separate q, k, v matrices so Muon orthogonalises each on its own
-        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.c_k = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.key_offset, self.xsa, self.ve = long, xsa, ve
+        # separate q, k, v matrices so Muon orthogonalises each on its own; uniform, std n_embd^-0.5 (record)
+        self.c_q, self.c_k, self.c_v = (nn.Linear(config.n_embd, config.n_embd, bias=False) for _ in range(3))
+        for lin in (self.c_q, self.c_k, self.c_v):
+            uniform_(lin.weight, config.n_embd ** -0.5)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         nn.init.zeros_(self.c_proj.weight)  # zero-init output projection: each block starts as identity
-        self.rotary = Rotary(self.head_dim)
-        # v = l0 * v + l1 * value embedding (2024-12-04 record, learned scalars as in 2024-12-08)
-        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))
+        # y_h *= sigmoid(W_h x[:12]): a head can switch itself off per token (sparse attention gate,
+        # 2025-08-23)
+        self.attn_gate = nn.Linear(self.GATE_INPUTS, self.n_head, bias=False)
+        nn.init.zeros_(self.attn_gate.weight)
+        if ve:  # v += 2 sigmoid(W_h x[:12]) ve per head (value-embedding gates, 2025-12-29): 1 at init
+            self.ve_gate = nn.Linear(self.GATE_INPUTS, self.n_head, bias=False)
+            nn.init.zeros_(self.ve_gate.weight)
+        if xsa:  # y -= tanh(a_h) (y.v / |v|^2) v: exclusive self-attention (arXiv:2603.09078; 2026-04-29)
+            self.xsa_alpha = nn.Parameter(torch.zeros(self.n_head))
+        # v scaled by l0 and the output by l1 (the record's lambdas on the qkv and o weights, 2025-12-26)
+        self.lambdas = nn.Parameter(torch.tensor([0.5, 1.0]))
 
-    def forward(self, x, ve, mask, cache=None):  # cache: this layer's past keys/values (decoding)
+    def forward(self, x, ve, mask, freqs, scale, has_prev, cache=None):  # cache: this layer's past (decoding)
         B, T, C = x.shape
         q, k, v = (lin(x).view(B, T, self.n_head, self.head_dim) for lin in (self.c_q, self.c_k, self.c_v))
-        v = self.lambdas[0] * v + (self.lambdas[1] * ve.view_as(v) if ve is not None else 0)
+        v = self.lambdas[0] * v
+        if ve is not None:
+            v = v + 2 * torch.sigmoid(self.ve_gate(x[..., :self.GATE_INPUTS]))[..., None] * ve.view_as(v)
         q, k = norm(q), norm(k)  # QK-norm (Dehghani et al. 2023): bounded attention logits at high LR
-        pos = cache["k"].size(2) if cache else 0
-        q, k = self.rotary(q, pos), self.rotary(k, pos)
+        pos = cache["k"].size(2) if cache and "k" in cache else 0
+        # the attention scale (0.1 at head_dim 128, YaRN-grown) as a factor on q: attend() divides by sqrt(d)
+        q, k = rotate(q, freqs, pos) * (scale * self.head_dim ** 0.5).type_as(q), rotate(k, freqs, pos)
+        if self.key_offset:  # a key's still channels come from the token before it: 1-layer induction
+            k = self.offset_keys(k, has_prev, cache)  # (2025-12-14 record), never across documents
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
         if cache is not None:  # decoding: new queries see the cached keys too (mask covers them)
-            if cache:
+            if "k" in cache:
                 k, v = torch.cat((cache["k"], k), dim=2), torch.cat((cache["v"], v), dim=2)
             cache["k"], cache["v"] = k, v
-        y = attend(q, k, v, mask)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        y = attend(q, k, v, mask)[:, :, -T:].transpose(1, 2)  # (B, T, heads, head_dim)
+        if self.xsa:
+            v_own = v[:, :, -T:].transpose(1, 2)
+            along = (y * v_own).sum(-1, keepdim=True) / v_own.square().sum(-1, keepdim=True).clamp_min(1e-8)
+            y = y - torch.tanh(self.xsa_alpha).type_as(y)[:, None] * along * v_own
+        y = y * torch.sigmoid(self.attn_gate(x[..., :self.GATE_INPUTS]))[..., None]
+        return self.lambdas[1] * self.c_proj(y.reshape(B, T, C))
+
+    def offset_keys(self, k, has_prev, cache):
+        """k with its still channels (the second quarter of each half) taken from the previous token's key,
+        where there is one in the same document; the cache keeps the last unshifted key for the next call."""
+        d = self.head_dim // 2
+        still = torch.cat((k[..., d // 2:d], k[..., d + d // 2:]), dim=-1)
+        prev = look_back(still, has_prev, cache.get("still") if cache is not None else None)
+        prev = torch.where(has_prev[..., None, None], prev, still)  # no predecessor: its own channels
+        if cache is not None:
+            cache["still"] = still[:, -1:]
+        half = d // 2
+        return torch.cat((k[..., :half], prev[..., :half], k[..., d:d + half], prev[..., half:]), dim=-1)
 
 
 class MLP(nn.Module):
     def __init__(self, config, hidden=0):  # hidden width, 0: 4 * n_embd (MoE's shared experts: their total)
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, hidden or 4 * config.n_embd, bias=False)
+        uniform_(self.c_fc.weight, 0.5 * config.n_embd ** -0.5)  # half the attention's std (record)
         self.c_proj = nn.Linear(hidden or 4 * config.n_embd, config.n_embd, bias=False)
         nn.init.zeros_(self.c_proj.weight)  # zero-init output projection (modded-nanogpt)
 
@@ -330,11 +421,10 @@ class MoE(nn.Module):
         E, C, H = config.n_routed_experts, config.n_embd, config.moe_expert_hidden
         self.top_k, self.rate, self.alpha = config.moe_top_k, config.moe_bias_rate, config.moe_balance_alpha
         self.shared = MLP(config, config.n_shared_experts * H) if config.n_shared_experts else None
-        # 2-D, so Muon trains it like every hidden matrix (Moonlight's MoE too): AdamW's scalar LR, per
-        # element, would move each affinity logit by ~lr * |x|_1 per step, far more than Muon's bounded update
+        # a matrix: (Nor)Muon, as Moonlight's MoE (Adam's per-element step moves a logit ~lr |x|_1 a step)
         self.router = nn.Linear(C, E, bias=False)
-        # experts stacked (E, out, in) like nn.Linear weights: Muon orthogonalises each slice on its own
-        self.fc = nn.Parameter(torch.empty(E, H, C).uniform_(-C ** -0.5, C ** -0.5))  # nn.Linear's init range
+        # experts stacked (E, out, in) like nn.Linear weights: (Nor)Muon orthogonalises each slice on its own
+        self.fc = nn.Parameter(uniform_(torch.empty(E, H, C), 0.5 * C ** -0.5))  # as the MLP's c_fc (record)
         self.proj = nn.Parameter(torch.zeros(E, C, H))  # zero-init output projections, as the MLP's
         self.register_buffer("expert_bias", torch.zeros(E))  # b_i; persistent: checkpoints resume it
         self.register_buffer("expert_load", torch.zeros(E))  # tokens each expert got since the last update
@@ -382,21 +472,46 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config, layer):
+    def __init__(self, config, layout, layer):
         super().__init__()
-        self.attn = CausalSelfAttention(config)
+        self.long_window = layout.long[layer]
+        has_ve = layout.ve[layer] is not None
+        self.attn = (CausalSelfAttention(config, layout.long[layer], layout.xsa[layer], has_ve)
+                     if layout.attends[layer] else None)
         # DeepSeek-V3 keeps its first layers dense; so do layers before the first multiple of moe_every
         self.mlp = MoE(config) if (layer + 1) % config.moe_every == 0 else MLP(config)
-        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # x = l0 * x + l1 * x0 (2024-11-06 record)
-        # long and short windows alternate, long at both ends of each U-net half (2025-01-26 record's layout)
-        self.long_window = min(layer, config.n_layer - 1 - layer) % 4 == 0
+        # x = resid * x + x0_lambda * x0 + bigram_lambda * bigram before each block (2025-11-18: 1.1;
+        # 2026-01-19: 0.1)
+        self.resid_lambda = nn.Parameter(torch.tensor(1.1))
+        self.x0_lambda = nn.Parameter(torch.tensor(0.0))
+        self.bigram_lambda = nn.Parameter(torch.tensor(0.1))
 
-    def forward(self, x, x0, ve, mask, cache=None):  # pre-norm residual block (GPT-2), x0: the embedding
+    def forward(self, x, x0, bigram, ve, mask, freqs, scale, has_prev, cache=None):  # pre-norm residual block
         # mask: this block's own (long or short window): a compiled block need not know which it is
-        x = self.lambdas[0] * x + self.lambdas[1] * x0
-        x = x + self.attn(norm(x), ve, mask, cache)
+        x = self.resid_lambda * x + self.x0_lambda * x0
+        if bigram is not None:
+            x = x + self.bigram_lambda * bigram
+        if self.attn is not None:
+            x = x + self.attn(norm(x), ve, mask, freqs, scale, has_prev, cache)
         y, balance = self.mlp(norm(x)) if isinstance(self.mlp, MoE) else (self.mlp(norm(x)), 0.0)
         return x + y, balance  # and the MoE's balance loss (0 when off)
+
+
+def bigram_hash(idx, has_prev, rows, last=None):
+    """Each token's row in the bigram table: a hash of (previous token, token) (2026-01-19 record: 36313 and
+    27191, XOR, mod rows - 1); the last row for a token with no predecessor in its document (the record lets
+    a document's first token hash the previous document's last: ours sees nothing across documents)."""
+    prev = look_back(idx, has_prev, last)
+    hashed = torch.bitwise_xor(36313 * idx, 27191 * prev) % (rows - 1)
+    return torch.where(has_prev, hashed, rows - 1)
+
+
+def logit_transform(z):
+    """23 sigmoid((z + 5) / 7.5) (2025-12-26 record, -40 steps) less its constant: 11.5 tanh((z + 5) / 15)."""
+    return LOGIT_CAP * torch.tanh((z + LOGIT_OFFSET) / LOGIT_WIDTH)
+
+
+LOGIT_CAP, LOGIT_OFFSET, LOGIT_WIDTH = 11.5, 5.0, 15.0
 
 
 class GPT(nn.Module):
@@ -408,59 +523,85 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        L = config.n_layer
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        # value embeddings: layer i < n and layer L - n + i add table i to their values (2024-12-04,
-        # 2025-01-04)
-        n = min(config.value_embeds, L // 2)
-        self.value_embeds = nn.ModuleList([nn.Embedding(config.vocab_size, config.n_embd) for _ in range(n)])
-        self.ve_table = [i if i < n else i - (L - n) if i >= L - n else None for i in range(L)]
-        self.blocks = nn.ModuleList([Block(config, i) for i in range(L)])
-        # U-net (2024-11-10 record): layer L - 1 - i adds layer i's output, weighted, for i < L // 2
-        self.skip_weights = nn.Parameter(torch.ones(L // 2))
-        # untied from wte: input and output embeddings want different geometry and LRs (modded-nanogpt)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        nn.init.zeros_(self.lm_head.weight)  # zero-init head: the first loss is exactly ln(vocab_size)
-        # the long and short attention windows in tokens, set in place by schedule() so compiled graphs never
-        # change, from a table of every stage's on the same device (a copy from the CPU would wait for the GPU
-        # every step)
-        stages = range(len(config.window_blocks))
-        table = torch.stack([self.stage_windows(s) for s in stages])
-        self.register_buffer("window_table", table, persistent=False)
-        self.register_buffer("windows", self.windows_at(0.0), persistent=False)
-        # evaluation's and decoding's: a buffer too, since a tensor made inside a compiled forward breaks
-        # Inductor's FlexAttention mask code on CUDA (torch 2.11: "XBLOCK is not defined", found by the GPU
-        # check)
-        self.register_buffer("final_windows", self.windows_at(1.0), persistent=False)
+        self.layout = layout = Layout.of(config.n_layer, config.value_embeds)
+        C = config.n_embd
+        # head N(0, 0.005) and the embedding a copy of it, untied (2025-12-19 / 2025-12-22 records' init)
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        nn.init.normal_(self.lm_head.weight, std=0.005)
+        self.wte = nn.Embedding(config.vocab_size, C)
+        with torch.no_grad():
+            self.wte.weight.copy_(self.lm_head.weight)
+        # smear (2025-09-18): x_t += lambda sigmoid(W x_t[:12]) x_{t-1} on the embedding; lambda 0 and W 0
+        self.smear_gate = nn.Linear(CausalSelfAttention.GATE_INPUTS, 1, bias=False)
+        nn.init.zeros_(self.smear_gate.weight)
+        self.smear_lambda = nn.Parameter(torch.tensor(0.0))
+        self.value_embeds = nn.ModuleList([nn.Embedding(config.vocab_size, C)
+                                           for _ in range(sum(t is not None for t in layout.ve))])
+        for table in self.value_embeds:
+            nn.init.zeros_(table.weight)  # zero at init, as the 2026-01-26 record
+        if config.bigram_vocab:  # zero at init: learns what a token pair adds (2026-01-19)
+            self.bigram_embed = nn.Embedding(config.bigram_vocab, C)
+            nn.init.zeros_(self.bigram_embed.weight)
+        self.blocks = nn.ModuleList([Block(config, layout, i) for i in range(config.n_layer)])
+        if layout.skip:  # x += sigmoid(skip_lambda) 2 sigmoid(W x0[:12]) h_from (2025-11-18, gate 2025-12-29)
+            self.skip_gate = nn.Linear(CausalSelfAttention.GATE_INPUTS, 1, bias=False)
+            nn.init.zeros_(self.skip_gate.weight)
+            self.skip_lambda = nn.Parameter(torch.tensor(-1.5))
+        if layout.backout is not None:  # x -= backout_lambda h_backout before the head (2025-10-04)
+            self.backout_lambda = nn.Parameter(torch.tensor(0.5))
+        # every stage's windows (tokens), rotary frequencies and attention scale, and the final validation's
+        # (the last row), tables on the model's device: schedule() copies a row in place, so compiled graphs
+        # never change and no copy from the CPU waits for the GPU. A fresh model is in its final state.
+        windows, freqs, scales = self.stage_tables()
+        self.register_buffer("window_table", windows, persistent=False)
+        self.register_buffer("freq_table", freqs, persistent=False)
+        self.register_buffer("scale_table", scales, persistent=False)
+        self.register_buffer("windows", windows[-1].clone())
+        self.register_buffer("freqs", freqs[-1].clone())
+        self.register_buffer("attn_scale", scales[-1].clone())
         self.build_block_mask = create_block_mask  # compile_regions() compiles it
 
-    def window_stage(self, progress):
-        return min(int(progress * len(self.config.window_blocks)), len(self.config.window_blocks) - 1)
-
-    def stage_windows(self, stage):
-        """(long, short) windows in tokens in this stage of training: its long window, and half that (at least
-        one)."""
-        long = self.config.window_blocks[stage]
-        return torch.tensor([long * BLOCK, max(1, long // 2) * BLOCK])
-
-    def windows_at(self, progress):
-        return self.stage_windows(self.window_stage(progress))
+    def stage_tables(self):
+        """(windows (S + 1, 2), frequencies (S + 1, head_dim / 2), scales (S + 1)) of each of the S stages and
+        the final validation: long windows by window_blocks, short half as long (at least one block); YaRN at
+        each change of the long window; the final validation at final_window_blocks with the last stage's
+        frequencies and scale (the record widens its windows there without YaRN)."""
+        config = self.config
+        head_dim = config.n_embd // config.n_head
+        freqs, scale = rotary_frequencies(head_dim), 0.1 * (128 / head_dim) ** 0.5  # 0.1 at head_dim 128
+        rows, old = [], config.window_blocks[0]
+        for long in config.window_blocks:
+            if long != old:
+                freqs, grow = yarn(freqs, old * BLOCK, long * BLOCK)
+                scale, old = scale * grow, long
+            rows.append(([long * BLOCK, max(1, long // 2) * BLOCK], freqs, scale))
+        final = config.final_window_blocks
+        rows.append(([final[0] * BLOCK, final[1] * BLOCK], freqs, scale))
+        return (torch.tensor([r[0] for r in rows]), torch.stack([r[1] for r in rows]),
+                torch.tensor([r[2] for r in rows]))
 
     def schedule(self, progress):
-        """Called by the training loop before every optimizer step with the run's progress in [0, 1]."""
-        self.windows.copy_(self.window_table[self.window_stage(progress)])
-        for moe in self.moe_layers():  # the bias update, from the step just taken (none before the first)
-            moe.update_bias(apply=progress > 0)
+        """Called by the training loop before every optimizer step with the run's progress in [0, 1): that
+        stage's windows, frequencies and scale; 1 (the final validation): the final ones."""
+        stages = len(self.config.window_blocks)
+        row = stages if progress >= 1 else min(int(progress * stages), stages - 1)
+        self.windows.copy_(self.window_table[row])
+        self.freqs.copy_(self.freq_table[row])
+        self.attn_scale.copy_(self.scale_table[row])
+        # the bias update, from the step just taken: none before the first, and none for the final validation,
+        # which measures the model as trained
+        for moe in self.moe_layers():
+            moe.update_bias(apply=0 < progress < 1)
 
     def moe_layers(self):
         return [block.mlp for block in self.blocks if isinstance(block.mlp, MoE)]
 
     def compile_regions(self, **options):
         """Regional compilation (PyTorch's recipe): each block is compiled on its own and blocks of one kind
-        share the compiled code (value embeddings or not; training or evaluation), so compiling costs a few
-        blocks, not a graph of every block unrolled. The head's loss and the block masks are compiled too; the
-        embedding lookups and the U-net skips between the blocks run eagerly (a few elementwise ops).
-        fullgraph: a graph break is an error."""
+        share the compiled code (training or evaluation), so compiling costs a few blocks, not a graph of
+        every block unrolled. The head's loss and the block masks are compiled too; the embeddings, smear,
+        skip and backout between the blocks run eagerly (a few elementwise ops). fullgraph: a graph break is
+        an error."""
         for block in [m for m in self.modules() if isinstance(m, Block)]:
             block.compile(fullgraph=True, **options)
         self.__dict__.pop("head_loss", None)  # an earlier call's compiled version (the micro-batch probe's)
@@ -469,49 +610,70 @@ class GPT(nn.Module):
 
     def masks(self, idx, past_docs=None):
         """({long window?: mask}, document numbers) for idx (B, T), whose documents begin at each EOT
-        (past_docs: those of the tokens before it, when decoding). Training uses the scheduled windows;
-        evaluation and decoding the last stage's, the longest."""
+        (past_docs: those of the tokens before it, when decoding), at the windows schedule() set."""
         if self.config.attention == "sdpa":
             return {True: None, False: None}, None
         past = 0 if past_docs is None else past_docs.size(1)
         docs = (idx == EOT).cumsum(1)
         if past:  # decoding: new tokens continue the cached tokens' last document
             docs = torch.cat((past_docs, past_docs[:, -1:] + docs), dim=1)
-        windows = self.windows if self.training else self.final_windows
-        used = {block.long_window for block in self.blocks}
-        masks = {long: document_mask(docs, windows[0 if long else 1], past, self.build_block_mask)
+        used = {block.long_window for block in self.blocks if block.attn is not None}
+        masks = {long: document_mask(docs, self.windows[0 if long else 1], past, self.build_block_mask)
                  for long in used}
         return masks, docs
 
-    def hidden(self, idx, masks, caches=None):  # -> (final states, the MoE layers' summed balance loss)
-        x0 = norm(self.wte(idx))
+    def has_prev(self, idx, last=None):
+        """(B, T): the token has a predecessor in its document (not an EOT, not the stream's first unless
+        decoding continues after `last`)."""
+        first = torch.zeros_like(idx[:, :1], dtype=torch.bool) if last is None else torch.ones_like(
+            idx[:, :1], dtype=torch.bool)
+        return (idx != EOT) & torch.cat((first, torch.ones_like(idx[:, 1:], dtype=torch.bool)), dim=1)
+
+    def embed(self, idx, has_prev, last=None):
+        """(x0, bigram): the normed, smeared token embedding and the bigram embedding (or None)."""
+        x = self.wte(idx)
+        prev = look_back(x, has_prev, self.wte(last) if last is not None else None)
+        gate = torch.sigmoid(self.smear_gate(x[..., :self.smear_gate.in_features]))
+        x = x + self.smear_lambda * gate * prev
+        if not self.config.bigram_vocab:
+            return norm(x), None
+        return norm(x), self.bigram_embed(bigram_hash(idx, has_prev, self.config.bigram_vocab, last))
+
+    def hidden(self, idx, masks, caches=None, last=None):  # -> (final states, the MoE layers' balance loss)
+        layout, has_prev = self.layout, self.has_prev(idx, last)
+        x0, bigram = self.embed(idx, has_prev, last)
         x = x0.clone()  # a tensor of its own: one tensor as both x and x0 would compile a third kind of block
-        balance = 0.0
         tables = [table(idx) for table in self.value_embeds]
-        skips, n_skip, L = [], len(self.skip_weights), len(self.blocks)
+        skipped = backout = None
+        balance = 0.0
         for i, block in enumerate(self.blocks):
-            if i >= L - n_skip:
-                x = x + self.skip_weights[L - 1 - i] * skips.pop()
-            ve = tables[self.ve_table[i]] if self.ve_table[i] is not None else None
-            mask = masks[block.long_window]
+            if layout.skip and i == layout.skip[1]:
+                gate = 2 * torch.sigmoid(self.skip_gate(x0[..., :self.skip_gate.in_features]))
+                x = x + torch.sigmoid(self.skip_lambda) * gate * skipped
+            ve = tables[layout.ve[i]] if layout.ve[i] is not None else None
+            inputs = (x, x0, bigram, ve, masks[block.long_window], self.freqs, self.attn_scale, has_prev)
             if caches is not None:
-                x, layer_balance = block(x, x0, ve, mask, caches[i])
+                x, layer_balance = block(*inputs, caches[i])
             elif self.config.activation_checkpointing and self.training:
-                x, layer_balance = checkpoint(block, x, x0, ve, mask, use_reentrant=False)
+                x, layer_balance = checkpoint(block, *inputs, use_reentrant=False)
             else:
-                x, layer_balance = block(x, x0, ve, mask)
+                x, layer_balance = block(*inputs)
             balance = balance + layer_balance
-            if i < n_skip:
-                skips.append(x)
+            if layout.skip and i == layout.skip[0]:
+                skipped = x
+            if i == layout.backout:
+                backout = x
+        if backout is not None:
+            x = x - self.backout_lambda * backout
         return norm(x), balance
 
     def logits(self, x):
-        cap = self.config.logit_softcap
-        return cap * torch.tanh(self.lm_head(x).float() / cap)
+        return logit_transform(self.lm_head(x).float())
 
     def head_loss(self, x, targets):
         """The mean next-token loss of the final states x (B, T, C) against targets (B, T; -1: none)."""
-        return linear_softcap_cross_entropy(x, self.lm_head.weight, targets, self.config.logit_softcap)
+        return linear_logit_cross_entropy(x, self.lm_head.weight, targets, LOGIT_CAP, LOGIT_OFFSET,
+                                          LOGIT_WIDTH)
 
     def forward(self, idx, targets=None):
         """idx (B, T) token streams -> logits (B, T, vocab); with targets (B, T) the mean loss instead."""
@@ -526,16 +688,19 @@ class GPT(nn.Module):
     @torch.no_grad()
     def forward_cached(self, idx, cache=None):
         """Decode with a KV cache: idx (B, T) continues the tokens held in cache (None starts one), with the
-        same document masking and the last stage's windows. Returns (logits of the new tokens, cache);
-        positions must stay below config.seq_len."""
-        cache = cache or dict(docs=None, layers=[{} for _ in self.blocks])
+        same document masking and the windows schedule() set (a fresh or loaded model: the final ones).
+        Returns (logits of the new tokens, cache); positions must stay below config.seq_len."""
+        cache = cache or dict(docs=None, last=None, layers=[{} for _ in self.blocks])
         if self.config.attention == "sdpa":
-            S = idx.size(1) + (cache["layers"][0]["k"].size(2) if cache["layers"][0] else 0)
-            causal = torch.ones(idx.size(1), S, dtype=torch.bool, device=idx.device).tril(S - idx.size(1))
+            past = cache["layers"][0]["k"].size(2) if "k" in cache["layers"][0] else 0
+            causal = torch.ones(idx.size(1), past + idx.size(1), dtype=torch.bool, device=idx.device)
+            causal = causal.tril(past)
             masks = {True: causal, False: causal}
         else:
             masks, cache["docs"] = self.masks(idx, cache["docs"])
-        return self.logits(self.hidden(idx, masks, cache["layers"])[0]), cache
+        x = self.hidden(idx, masks, cache["layers"], cache["last"])[0]
+        cache["last"] = idx[:, -1:]
+        return self.logits(x), cache
 
     def causal_outputs(self, idx):
         """Every output as name -> (tensor with time on dim 1, lookahead): position t may depend on tokens
@@ -737,14 +902,15 @@ class Hyperparameters(IdeaFlags):
     val_files: str = "data/fineweb10B/fineweb_val_*.bin"  # glob of validation shards; their first val_tokens
     # model
     vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128
-    n_layer: int = 12  # transformer blocks
+    n_layer: int = 11  # transformer blocks (the record's layout: Layout, in the model section)
     n_head: int = 6  # attention heads; head_dim = n_embd / n_head (128, modded-nanogpt 2024-10-14)
     n_embd: int = 768  # model width
-    logit_softcap: float = 15.0  # logits = cap * tanh(logits / cap) (2025-01-04 record)
-    value_embeds: int = 3  # value-embedding tables, for the first and the last this many layers (2024-12-04)
+    value_embeds: int = 5  # gated value-embedding tables: first 2, last 3 attention layers (2026-01-26)
+    bigram_vocab: int = 251520  # rows of the bigram hash embedding (2026-01-19: 5 x 50304; 0: none)
     attention: str = "flex"  # flex: packed streams, document masks, sliding windows; sdpa: plain causal rows
     seq_len: int = 1024  # --attention=sdpa only: tokens per causal row (flex: streams of device_batch_tokens)
     window_blocks: str = "3,7,11"  # long attention window per stage of training, in 128-token blocks
+    final_window_blocks: str = "20,6"  # long,short windows of the final validation, in blocks (2025-09-21)
     doc_cap: int = 2048  # training documents are cut to their first this many tokens (2025-09-03; 0: uncut)
     # optimisation
     num_iterations: int = 2160  # optimizer steps (the LR, batch and window schedules are laid out over them)
@@ -1008,7 +1174,7 @@ def log_step(run, record, t0):
 
 def diverged(run, loss, step):
     """Has the loss diverged? A step's loss is bad when it is no better than guessing uniformly (above
-    ln(vocab_size) - 0.1: where a blown-up model sits, the softcap keeping its loss finite) or 2 nats over the
+    ln(vocab_size) - 0.1: where a blown-up model sits, the logit cap keeping its loss finite) or 2 nats over the
     best so far; diverge_steps bad steps running, after the LR warm-up, are a divergence. A healthy run is
     below both within a few steps and never 2 over its best for long."""
     args, state = run.args, run.state
@@ -1058,6 +1224,8 @@ def train_loop(run):
                     state["train_time"] += time.perf_counter() - t0
                 t0 = None
                 if validate:
+                    if last:  # the final validation's wider windows (2025-09-21 record)
+                        run.raw_model.schedule(1.0)
                     validation(run, step)
                 if run.master and (save or run.stopped and args.save_every > 0):
                     save_checkpoint(run, step)
@@ -1140,12 +1308,14 @@ LIMITS = {
     "n_layer": (at_least(1), "an integer >= 1"),
     "n_head": (at_least(1), "an integer >= 1"),
     "n_embd": (at_least(4), "an integer >= 4"),
-    "logit_softcap": (lambda v: 0 < v < math.inf, "a number > 0"),
+    "bigram_vocab": (lambda v: v == 0 or 2 <= v < math.inf, "0 (none) or an integer >= 2"),
     "value_embeds": (at_least(0), "an integer >= 0"),
     "attention": (lambda v: v in ("flex", "sdpa"), "flex or sdpa"),
     "seq_len": (at_least(1), "an integer >= 1"),
     "window_blocks": (lambda v: re.fullmatch(r"[1-9][0-9]*(,[1-9][0-9]*)*", v),
                       "whole numbers >= 1, comma-separated"),
+    "final_window_blocks": (lambda v: re.fullmatch(r"[1-9][0-9]*,[1-9][0-9]*", v),
+                            "two whole numbers >= 1, long,short"),
     "doc_cap": (at_least(0), "an integer >= 0 (0: uncut)"),
     "num_iterations": (at_least(1), "an integer >= 1"),
     "batch_tokens": (at_least(1), "an integer >= 1"),
@@ -1287,14 +1457,14 @@ def resolve_flags(argv):
         if preset:
             notes.append(f"--preset={given['preset']} applied over the checkpoint's settings, then the flags "
                          "given")
-    if args.value_embeds > args.n_layer // 2:  # the first and the last value_embeds layers each get a table
+    room = max_value_embeds(args.n_layer)  # one table per attention layer at most
+    if args.value_embeds > room:
         if "value_embeds" in given:
-            raise SystemExit(f"error: --value_embeds={args.value_embeds}: at most --n_layer={args.n_layer} "
-                             f"// 2 = {args.n_layer // 2} (tables for the first and the last that many "
-                             "layers)")
-        notes.append(f"value_embeds {args.value_embeds} -> {args.n_layer // 2}: --n_layer={args.n_layer} has "
-                     f"room for {args.n_layer // 2} at each end")
-        args.value_embeds = args.n_layer // 2
+            raise SystemExit(f"error: --value_embeds={args.value_embeds}: at most {room} for --n_layer="
+                             f"{args.n_layer} (one table per attention layer)")
+        notes.append(f"value_embeds {args.value_embeds} -> {room}: --n_layer={args.n_layer} has room for "
+                     f"{room}")
+        args.value_embeds = room
     return args, ckpt, notes
 
 
