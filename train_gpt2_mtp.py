@@ -16,13 +16,17 @@ Validation (eval mode) is the plain next-token loss in both, so val losses compa
     python train_gpt2_mtp.py --preset=tiny          a CPU-sized run on the bundled sample in data/sample/
     python train_gpt2_mtp.py --help                 every flag with its default
 
-What is in this baseline (each piece names the modded-nanogpt record it comes from, where it is defined):
-- GPT-2 small's shape, 12 layers of width 768, with 6 heads of 128, QK-norm, half-truncated rotary, ReLU²,
-  RMSNorm without gains, zero-initialised projections and an untied, zero-initialised head softcapped at 15;
-- FlexAttention over packed token streams: a document never sees another, and layers alternate long and short
-  sliding windows that grow over training;
-- value embeddings in the first and last 3 layers, U-net skips, and every block mixing in the embedding (x0);
-- Muon with Polar Express Newton-Schulz for hidden matrices, AdamW for embeddings, head and scalars;
+What is in this baseline: the recipe of modded-nanogpt's 2026-01 records (each piece names its record where it
+is defined; docs/baseline.md lists them):
+- the record's 11 layers at GPT-2 small's width, 6 heads of 128: layer 6 has no attention, layers 3 and 10
+  have long windows with the partial key offset, XSA in 1, 3, 4, 7, one gated skip (3 -> 6), backout of
+  layer 7;
+- QK-norm, half-truncated rotary with YaRN at each window change, attention scale 0.1, sparse attention gates,
+  5 gated value-embedding tables, smear, a bigram hash embedding, ReLU², RMSNorm without gains, residual
+  lambdas 1.1, the record's inits, an untied head under the logit transform 23 sigmoid((z + 5) / 7.5);
+- FlexAttention over packed, BOS-aligned token streams: nothing sees across documents, not even one token
+  back; windows grow over training, and the final validation widens them;
+- NorMuon with cautious weight decay for hidden matrices, Adam (every other step) for the rest;
 - batch, LR and window schedules by thirds (131,072 -> 262,144 -> 393,216 tokens a step), a linear cool-down;
 - regional torch.compile, a step loop that never waits for the GPU, any number of GPUs through torchrun.
 
@@ -1251,6 +1255,8 @@ def train_loop(run):
                     state["train_time"] += time.perf_counter() - t0
                 t0 = None
                 if validate:
+                    if last:  # the final validation's wider windows (2025-09-21 record)
+                        run.raw_model.schedule(1.0)
                     validation(run, step)
                 if run.master and (save or run.stopped and args.save_every > 0):
                     save_checkpoint(run, step)
