@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from test_causality import find_leaks
-from tests.helpers import ROOT, assert_reordering_only, load_script, small_args
+from tests.helpers import ROOT, assert_reordering_only, decode_in_pieces, load_script, random_model, small_args
+from tests.test_attention import document_leaks
 
 moe = load_script(ROOT / "train_gpt2_moe.py")
 baseline = load_script(ROOT / "train_gpt2.py")
@@ -258,6 +259,22 @@ def test_experts_start_as_the_records_mlp():
         layer = block.mlp
         assert all(bound * 0.9 < w.abs().max() <= bound for w in (*layer.fc, layer.shared.c_fc.weight))
         assert layer.proj.abs().max() == 0 and layer.shared.c_proj.weight.abs().max() == 0
+
+
+def test_the_records_11_layers_decode_as_the_full_forward_and_keep_documents_apart():
+    """The v3 layout (no attention in layer 6, key offset, XSA, skip, backout, value embeddings, bigram, smear) with
+    an MoE in every layer: KV-cache decoding = the full forward across documents and past the windows, and an
+    earlier document moves nothing of a later one (the routing is per token)."""
+    deep = ("--n_layer=11", "--value_embeds=5", "--bigram_vocab=1000", "--vocab_size=50304")
+    model = random_model(moe, *deep)
+    model.windows.copy_(torch.tensor([6, 3]))  # windows shorter than the sequence
+    idx = tokens(B=2, T=20) * 97  # ids spread over the vocabulary
+    idx[0, 0] = idx[0, 9] = idx[1, 1] = idx[1, 15] = 50256  # documents at positions 0 and 1, and mid-sequence
+    with torch.no_grad():
+        full = model(idx)
+        decoded, _ = decode_in_pieces(model, idx, (1, 1, 5, 5) + (1,) * 8)
+    torch.testing.assert_close(decoded, full, atol=1e-4, rtol=1e-4)
+    assert all(moved == 0.0 for moved in document_leaks(random_model(moe, *deep), grad=False).values())
 
 
 def test_compiles_without_graph_breaks_and_matches_eager():
