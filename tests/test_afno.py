@@ -215,8 +215,9 @@ def test_compile_matches_eager_without_graph_breaks():
 
 def test_124m_parameters_and_optimizer_groups():
     """Layers 4..11 trade attention (2,359,296 weights + 2 lambdas) for AFNO (3 x 8 x 96 x 96 block weights, 8 x 1408
-    kernel taps, 2 lambdas): 278,102,070 - 8 x 2,126,848 = 261,087,286. The kernels are 1-D, so AdamW's scalar group
-    takes them; the (8, 96, 96) block weights go to Muon, orthogonalised block by block."""
+    kernel taps, 2 lambdas): 278,102,070 - 8 x 2,126,848 = 261,087,286. The kernels are 1-D, so Adam's scalars group
+    takes them (0.04, no weight decay); the real (8, 96, 96) block weights go to NorMuon, orthogonalised block by
+    block."""
     args, _ = afno.parse_args([])
     with torch.device("meta"):
         model = afno.GPT(afno.GPTConfig.from_args(args))
@@ -224,8 +225,10 @@ def test_124m_parameters_and_optimizer_groups():
     mixer = model.blocks[4].mixer
     assert sum(p.numel() for p in mixer.parameters()) == 3 * 8 * 96 * 96 + 8 * 1408 + 2
     assert sum(p.numel() for p in model.parameters()) == 278_102_070 - 8 * 2_126_848 == 261_087_286
-    adam, muon = afno.build_optimizers(model, args, torch.device("cpu"))
+    adam, muon = afno.build_optimizers(model, args)
     muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
-    scalar_group = next(g for g in adam.param_groups if g["lr"] == args.scalar_lr)
+    scalar_group = next(g for g in adam.param_groups if g["name"] == "scalars")
+    assert scalar_group["lr"] * scalar_group["lr_mul"] == pytest.approx(0.04) and scalar_group["wd_mul"] == 0
     assert id(mixer.kernel) in {id(p) for p in scalar_group["params"]}
     assert {id(mixer.w_in), id(mixer.w_hidden), id(mixer.w_out)} <= muon_ids
+    assert not any(p.is_complex() for p in mixer.parameters())
