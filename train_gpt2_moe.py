@@ -16,7 +16,8 @@ is defined; docs/baseline.md lists them):
   lambdas 1.1, the record's inits, an untied head under the logit transform 23 sigmoid((z + 5) / 7.5);
 - FlexAttention over packed, BOS-aligned token streams: nothing sees across documents, not even one token
   back; windows grow over training, and the final validation widens them;
-- NorMuon with cautious weight decay for hidden matrices, Adam (every other step) for the rest;
+- the 2026-01-26 record's optimizer: NorMuon (Muon with Polar Express, a second moment, cautious weight
+  decay) for hidden matrices, Adam every other step for embeddings, head, gates and scalars;
 - batch, LR and window schedules by thirds (131,072 -> 262,144 -> 393,216 tokens a step), a linear cool-down;
 - regional torch.compile, a step loop that never waits for the GPU, any number of GPUs through torchrun.
 
@@ -30,6 +31,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import fnmatch
 import glob
 import hashlib
 import importlib.util
@@ -83,6 +85,10 @@ def xxt(X):
 
 
 # ---- muon ----
+# The optimizers of the modded-nanogpt 2026-01-26 record's NorMuonAndAdam, written out: r0126:N below is line
+# N of that record's log (its train_gpt.py). NorMuon for the hidden matrices, Adam for the rest; which
+# parameter goes where, with what settings, is PARAM_GROUPS in the train section.
+
 # Polar Express (Amsel et al. 2025; modded-nanogpt record 2025-09-29, -10 steps): one (a, b, c) per
 # Newton–Schulz step, each the best odd quintic for the singular values that can remain after the steps before
 # it, so five steps land every singular value nearer 1 than Muon's one fixed quintic (3.4445, -4.7750, 2.0315)
@@ -110,35 +116,137 @@ def zeropower_via_newtonschulz5(G, steps=5):
     return X.mT if transposed else X
 
 
-class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton–Schulz (Jordan et al. 2024): Nesterov SGD-momentum whose update of
-    each hidden weight matrix is replaced by the nearest semi-orthogonal matrix. Hidden weights only:
-    embeddings, head and scalars go to AdamW. Same-shape weights are stacked so one batched Newton–Schulz call
-    serves them all. Every rank computes every update (gradients are already averaged by DDP): simple, and
-    free on one GPU."""
+def normuon_normalise(V, second_moment, beta2):
+    """NorMuon (Li et al. 2025, arXiv:2510.05491; modded-nanogpt 2025-10-24, -15 steps), as r0126:764-775
+    computes it: every row of the orthogonalised update V (..., r, c) when r >= c, every column when r < c
+    (one statistic per entry of the longer side, its mean square over the shorter), is divided by the root of
+    that statistic's running mean (second_moment, updated in place: an EMA with beta2, no bias correction,
+    floored at 1e-10), and then the whole matrix is scaled back to V's own Frobenius norm."""
+    dim = -1 if V.size(-2) >= V.size(-1) else -2  # r0126:716
+    n = V.size(dim)
+    mean_square = V.square().mean(dim=dim, keepdim=True)
+    second_moment.lerp_(mean_square, 1 - beta2)
+    scale = second_moment.clamp_min(1e-10).rsqrt()
+    # ||V|| and ||V * scale||, from the statistics: the sums over the shorter side are already taken
+    norm = (mean_square.sum(dim=(-2, -1), keepdim=True) * n).sqrt()
+    scaled_norm = (mean_square * n * scale.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    return V * (scale * (norm / scaled_norm.clamp_min(1e-10)))
 
-    def __init__(self, params, lr=0.05, momentum=0.95, nesterov=True, ns_steps=5):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+
+def cautious_update_(p, update, decay, mask):
+    """p -= update + decay * p where mask holds, in place: cautious weight decay (modded-nanogpt 2025-11-10,
+    "improves the final training 40 steps") decays a weight only where its update already pulls it towards
+    zero (the update and the weight agree in sign)."""
+    update.addcmul_(p, mask, value=decay)
+    p.sub_(update)
+
+
+class NorMuon(torch.optim.Optimizer):
+    """Muon (MomentUm Orthogonalized by Newton–Schulz, Jordan et al. 2024) with NorMuon's second moment and
+    cautious weight decay, for the hidden weight matrices, as r0126:699-758 steps them. For each matrix W
+    with gradient G (averaged across ranks by DDP; every rank computes every update: simple, and free on one
+    GPU), r, c its rows and columns, lr the group's scheduled LR:
+        buf = m * buf + (1 - m) * G;  U = (1 - m) * G + m * buf       Nesterov momentum, fp32 (r0126:705-706)
+        V = normuon_normalise(polar_express(U))                       (r0126:713-718)
+        lr_W = lr * lr_mul * max(1, r / c) ** 0.5                     same RMS update tall or wide (r0126:355)
+        W -= lr_W * V + lr * lr_W * weight_decay * W * [V * W >= 0]   (r0126:757-758)
+    so the decay per step is lr * lr_W * weight_decay: it follows the LR schedule twice, as the record's
+    (r0126:708-709: its lr_factor is lr_W and its wd_factor weight_decay * lr). A group with transposed=True
+    is treated as W^T, the record's layout for the MLP output projections ((in, out), r0126:1127-1134): its
+    shape multiplier and its second moment's rows are the record's. Same-shape matrices (as treated) are
+    stacked, so one batched Newton–Schulz call serves them all; a 3-D weight (MoE's experts, AFNO's blocks)
+    is a stack of matrices, each orthogonalised and normalised on its own."""
+
+    def __init__(self, params, lr=0.023, momentum=0.95, beta2=0.95, weight_decay=1.2, lr_mul=1.0,
+                 transposed=False, ns_steps=5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, beta2=beta2, weight_decay=weight_decay,
+                                      lr_mul=lr_mul, transposed=transposed, ns_steps=ns_steps))
 
     @torch.no_grad()
     def step(self):
+        stacks = {}  # the matrices of each shape (as treated): one batched Newton–Schulz call each
         for group in self.param_groups:
-            by_shape = {}
             for p in group["params"]:
                 if p.grad is not None:
-                    by_shape.setdefault(p.shape, []).append(p)
-            for shape, params in by_shape.items():
-                grads = [p.grad for p in params]
-                for p in params:
-                    if "momentum_buffer" not in self.state[p]:  # allocated once, not zero-filled every step
-                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                bufs = [self.state[p]["momentum_buffer"] for p in params]
-                torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])  # buf = m * buf + (1 - m) * grad
-                updates = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
-                ortho = zeropower_via_newtonschulz5(torch.stack(updates), group["ns_steps"])
-                scale = max(1.0, shape[-2] / shape[-1]) ** 0.5  # equal RMS update for tall and wide matrices
-                torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(ortho.unbind(0), params)],
-                                    alpha=-group["lr"] * scale)
+                    shape = tuple(as_treated(p, group).shape)
+                    key = (shape, group["momentum"], group["beta2"], group["ns_steps"])
+                    stacks.setdefault(key, []).append((p, group))
+        for (shape, momentum, beta2, ns_steps), members in stacks.items():
+            updates, moments = [], []
+            for p, group in members:
+                state = self.state[p]
+                if not state:  # allocated once, not zero-filled every step
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+                    wide = shape[-2] < shape[-1]  # one statistic per row (tall, square) or per column (wide)
+                    reduced = (*shape[:-2], 1, shape[-1]) if wide else (*shape[:-1], 1)
+                    state["second_moment"] = torch.zeros(reduced, dtype=torch.float32, device=p.device)
+                grad, buf = as_treated(p.grad, group).float(), as_treated(state["momentum_buffer"], group)
+                buf.lerp_(grad, 1 - momentum)
+                updates.append(grad.lerp(buf, momentum))
+                moments.append(state["second_moment"])
+            second_moment = torch.stack(moments)
+            V = normuon_normalise(zeropower_via_newtonschulz5(torch.stack(updates), ns_steps).float(),
+                                  second_moment, beta2)
+            shape_mult = max(1.0, shape[-2] / shape[-1]) ** 0.5
+            for (p, group), moment, new_moment, v in zip(members, moments, second_moment, V):
+                moment.copy_(new_moment)
+                lr = group["lr"] * group["lr_mul"] * shape_mult
+                v = as_treated(v, group)  # back to W's own layout (a transpose is its own inverse)
+                decay = group["lr"] * lr * group["weight_decay"]
+                cautious_update_(p, (v * lr).to(p.dtype), decay, v * p >= 0)
+
+
+def as_treated(t, group):
+    """A weight (or its gradient, its momentum) as NorMuon treats it: transposed for a transposed group."""
+    return t.mT if group["transposed"] else t
+
+
+class CautiousAdam(torch.optim.Optimizer):
+    """Adam (Kingma & Ba 2015) with bias correction and cautious weight decay, for the embeddings, the head,
+    the gates and the scalars, as r0126:655-691 steps them. For each parameter p with gradient g, lr the
+    group's scheduled LR, lr_p = lr * lr_mul (r0126:657), t the updates so far:
+        m = b1 * m + (1 - b1) * g;   v = b2 * v + (1 - b2) * g^2
+        u = lr_p * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)      (r0126:670-671, 687)
+        p -= u + lr_p^2 * weight_decay * wd_mul * p * [u * p > 0]         (r0126:672, 689-691)
+    so the decay per step is lr_p**2 * weight_decay * wd_mul.
+
+    Every other step (r0126:1655-1657: Adam steps on odd steps only), the optimizer is called with hold=True:
+    it then keeps the step's gradient in its state ("held_grad", saved in checkpoints, so a run resumed
+    between the two steps continues exactly) and changes nothing; the next step adds it to its own gradient.
+    The record does the same by not clearing the Adam gradients on even steps (r0126:647-650), so the second
+    backward pass adds into them: Adam steps on the sum of two steps' gradients, not their mean, at the LR of
+    the step it takes."""
+
+    def __init__(self, params, lr=0.008, betas=(0.9, 0.99), eps=1e-10, weight_decay=0.005, lr_mul=1.0,
+                 wd_mul=1.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lr_mul=lr_mul,
+                                      wd_mul=wd_mul))
+
+    @torch.no_grad()
+    def step(self, hold=False):
+        for group in self.param_groups:
+            (beta1, beta2), lr = group["betas"], group["lr"] * group["lr_mul"]
+            decay = lr * lr * group["weight_decay"] * group["wd_mul"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                held = state.pop("held_grad", None)
+                # the sum of every gradient since the last update
+                grad = p.grad.float() if held is None else held.add_(p.grad)
+                if hold:  # a copy: p.grad is zeroed after the step
+                    state["held_grad"] = grad.clone() if held is None else grad
+                    continue
+                if "step" not in state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p, dtype=torch.float32),
+                                 exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
+                state["step"] += 1
+                exp_avg, exp_avg_sq, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step_size = lr * (1 - beta2 ** t) ** 0.5 / (1 - beta1 ** t)
+                update = exp_avg.div(exp_avg_sq.sqrt().add_(group["eps"])).mul_(step_size).to(p.dtype)
+                cautious_update_(p, update, decay, update * p > 0)
 
 
 # ---- model ----
@@ -921,18 +1029,19 @@ class Hyperparameters(IdeaFlags):
     batch_tokens: int = 393216  # tokens per step over all ranks, in the last batch stage (2025-01-26)
     batch_stages: int = 3  # stage s of these parts trains on s/batch_stages of batch_tokens (2025-11-29)
     device_batch_tokens: int | str = 16384  # tokens per micro-step per rank (one packed stream), or auto
-    warmup_steps: int = 0  # linear LR warm-up steps
-    cooldown_frac: float = 0.45  # the last fraction of the steps: LR decays linearly to lr_floor (2025-09-03)
-    lr_floor: float = 0.1  # the LR multiplier the cool-down ends at (2025-01-26 record)
-    muon_lr: float = 0.05  # hidden matrices
-    muon_momentum: float = 0.95  # Muon's Nesterov momentum after the warm-up
-    muon_momentum_warmup_steps: int = 300  # momentum rises linearly from 0.85 over these steps
-    embed_lr: float = 0.6  # AdamW: input embedding
-    head_lr: float = 0.008  # AdamW: output head
-    scalar_lr: float = 0.04  # AdamW: vectors and scalars, if the model has any
-    adam_beta1: float = 0.8  # AdamW betas (modded-nanogpt)
-    adam_beta2: float = 0.95
-    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 0  # linear LR warm-up steps (the record has none)
+    stage_lr_mults: str = "auto"  # LR multiplier per batch stage, comma-separated; auto: 1, 1.52, 1.73 for 3
+    cooldown_frac: float = 0.55  # the last fraction of the steps: LR decays linearly to lr_floor (2025-11-29)
+    lr_floor: float = 0.1  # the LR multiplier the cool-down ends at, whatever the stage's (2025-01-13 record)
+    muon_lr: float = 0.023  # NorMuon, hidden matrices: times the LR multiplier (2025-11-29 record)
+    muon_momentum: float = 0.95  # NorMuon's Nesterov momentum between its warm-up and its cool-down
+    muon_momentum_warmup_steps: int = 300  # momentum rises linearly from 0.85 over these first steps
+    muon_momentum_cooldown_steps: int = 50  # and falls back to 0.85 over these last ones (2025-09-30 record)
+    muon_beta2: float = 0.95  # NorMuon's second-moment EMA (2025-11-29 record)
+    muon_weight_decay: float = 1.2  # NorMuon's cautious weight decay, times lr and the matrix's lr (2025-11-10)
+    adam_lr: float = 0.008  # Adam: embeddings, head, gates, scalars, times each group's lr_mul (PARAM_GROUPS)
+    adam_eps: float = 1e-10  # Adam's epsilon (2025-01-16 record)
+    adam_weight_decay: float = 0.005  # Adam's cautious weight decay, times lr_p**2 and wd_mul (2025-12-18)
     # evaluation
     val_every: int = 125  # validate every this many steps (0: only at the end)
     val_tokens: int = 1048576  # validation tokens, fixed by the benchmark rules (0: none, for benchmarks)
@@ -960,11 +1069,12 @@ PRESETS = {
     # BottleCap 1-GPU rule
     "bottlecap": dict(target_val_loss=3.3821, val_tokens=1048576, stop_at_target=True),
     "modded": dict(target_val_loss=3.28, val_tokens=10485760),  # modded-nanogpt's rule
-    # trains on CPU in seconds on the bundled sample (data/sample/): for smoke tests and first contact
+    # trains on CPU in seconds on the bundled sample (data/sample/): for smoke tests and first contact; the
+    # momentum's warm-up and cool-down (300 and 50 of 2160 steps) shortened for its 50 steps
     "tiny": dict(train_files="data/sample/sample_train_*.bin", val_files="data/sample/sample_val_*.bin",
                  n_layer=2, n_head=2, n_embd=64, window_blocks="1,2,4", batch_tokens=512, batch_stages=1,
                  device_batch_tokens=512, num_iterations=50, val_every=25, val_tokens=8192,
-                 muon_momentum_warmup_steps=10, target_val_loss=7.5),
+                 muon_momentum_warmup_steps=10, muon_momentum_cooldown_steps=2, target_val_loss=7.5),
 }
 
 
@@ -985,7 +1095,7 @@ class Run:
     use_compile: bool = False  # GPT.compile_regions() was applied
     raw_model: GPT | None = None  # the model itself: its schedules, hooks and state dict
     model: nn.Module | None = None  # what the loop calls: raw_model, or DDP around it on several processes
-    optimizers: list = dataclasses.field(default_factory=list)  # [AdamW, Muon]
+    optimizers: list = dataclasses.field(default_factory=list)  # [CautiousAdam, NorMuon]
     train_loader: DistributedDataLoader | None = None
     val_inputs: torch.Tensor | None = None  # this rank's validation streams (n, 1, T) on the CPU (n may be 0)
     val_targets: torch.Tensor | None = None  # their next tokens
@@ -1025,45 +1135,117 @@ def stage_batches(args):
     return [args.batch_tokens * s // args.batch_stages for s in range(1, args.batch_stages + 1)]
 
 
+def stage_lr_mults(args):
+    """The LR multiplier of each batch stage: --stage_lr_mults, or auto: stage s (s times the first stage's
+    batch) at s**0.6 up to s = 2 and s**0.5 beyond, to 2 decimals as the record writes them: 1, 1.52, 1.73
+    for three stages (r0126:1524-1527: "(16/8)**0.6", "(24/8)**0.5"), 1 for one."""
+    if args.stage_lr_mults == "auto":
+        return [round(s ** (0.6 if s <= 2 else 0.5), 2) for s in range(1, args.batch_stages + 1)]
+    return [float(m) for m in args.stage_lr_mults.split(",")]
+
+
 def batch_stage(progress, args):
-    """(tokens in this step's batch, its LR multiplier): stage s runs at s**0.6 times the LR ((batch
-    ratio)**0.6, the 2025-11-29 record's rule)."""
+    """(tokens in this step's batch, its LR multiplier). The record switches its multiplier at progress > 1/3
+    and > 2/3 (r0126:1524-1527) and its batch at >= (r0126:1505); here both switch together, with the batch:
+    they differ only on a step that lands exactly on a third (step 720 of 2160)."""
     stage = min(int(progress * args.batch_stages), args.batch_stages - 1)
-    return stage_batches(args)[stage], (stage + 1) ** 0.6
+    return stage_batches(args)[stage], stage_lr_mults(args)[stage]
 
 
 def lr_factor(step, progress, args):
-    """LR multiplier: linear warm-up over warmup_steps, constant, then linear to lr_floor over the last
-    cooldown_frac; times the batch stage's multiplier."""
+    """The LR multiplier of NorMuon and Adam alike (r0126:1692): a linear warm-up over warmup_steps, then the
+    batch stage's multiplier m, cooled down linearly over the last cooldown_frac to the absolute floor
+    lr_floor: m * w + (1 - w) * lr_floor with w = (1 - progress) / cooldown_frac (r0126:1528-1531)."""
     if step < args.warmup_steps:
         return (step + 1) / args.warmup_steps
-    left = 1.0 if args.cooldown_frac <= 0 else min(1.0, (1.0 - progress) / args.cooldown_frac)
-    return (left + (1 - left) * args.lr_floor) * batch_stage(progress, args)[1]
+    mult = batch_stage(progress, args)[1]
+    if args.cooldown_frac == 0 or progress < 1 - args.cooldown_frac:
+        return mult
+    w = (1 - progress) / args.cooldown_frac
+    return mult * w + (1 - w) * args.lr_floor
 
 
 def muon_momentum(step, args):
-    frac = min(1.0, step / max(1, args.muon_momentum_warmup_steps))
-    return (1 - frac) * 0.85 + frac * args.muon_momentum
+    """NorMuon's momentum: 0.85 rising linearly to --muon_momentum over the first muon_momentum_warmup_steps,
+    back down to 0.85 over the last muon_momentum_cooldown_steps (r0126:1534-1547)."""
+    low, high = 0.85, args.muon_momentum
+    cooldown_start = args.num_iterations - args.muon_momentum_cooldown_steps
+    if step < args.muon_momentum_warmup_steps:
+        return low + step / args.muon_momentum_warmup_steps * (high - low)
+    if step > cooldown_start:
+        return high - (step - cooldown_start) / args.muon_momentum_cooldown_steps * (high - low)
+    return high
 
 
-def build_optimizers(model, args, device):
-    """Muon for hidden matrices; AdamW for embeddings, the head (lm_head*) and vectors. Each parameter once.
-    """
-    embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    groups = {"embed": [], "head": [], "scalar": [], "muon": []}
+def adam_steps_at(step):
+    """Adam updates on odd steps only, on the gradients of that step and the one before (r0126:1655-1657)."""
+    return step % 2 == 1
+
+
+# Which optimizer each parameter gets, and its settings: the first row that matches the parameter's name
+# (fnmatch: `*` matches dots too) wins; EMBEDDING matches the weight of any nn.Embedding, MATRIX any parameter
+# with 2 or more dimensions. A row that matches nothing in a model is harmless. The rows and values are the
+# record's param_table (r0126:1577-1592); a name from neither the baseline nor the record (an idea's) falls
+# through to the last three rows by its kind: a table, a matrix, or a vector/scalar.
+EMBEDDING, MATRIX = "<an nn.Embedding's weight>", "<ndim >= 2>"
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    name: str
+    optimizer: str  # adam or normuon
+    match: tuple  # name patterns, EMBEDDING or MATRIX
+    betas: tuple = (0.9, 0.99)  # Adam's
+    lr_mul: float = 1.0  # times --adam_lr or --muon_lr
+    wd_mul: float = 1.0  # Adam: times --adam_weight_decay (NorMuon: all 1)
+    transposed: bool = False  # NorMuon: the record stores these (in, out) (see NorMuon)
+
+
+PARAM_GROUPS = (
+    ParamGroup("lm_head", "adam", ("lm_head*",), (0.5, 0.95), wd_mul=150.0),  # LightRNN's factors too
+    ParamGroup("value_embeds", "adam", ("value_embeds.*", "bigram_embed.weight"), (0.75, 0.95), 75.0, 5.0),
+    ParamGroup("smear_gate", "adam", ("smear_gate.weight",), (0.9, 0.99), 0.01, 0.0),
+    ParamGroup("skip_gate", "adam", ("skip_gate.weight",), (0.9, 0.99), 0.05, 0.0),
+    ParamGroup("gates", "adam", ("*.attn_gate.weight", "*.ve_gate.weight"), (0.9, 0.99), 1.0, 1.0),
+    ParamGroup("x0_lambdas", "adam", ("*x0_lambda*",), (0.65, 0.95), 5.0, 0.0),
+    ParamGroup("embed", "adam", ("wte.weight", EMBEDDING), (0.5, 0.95), wd_mul=150.0),  # LightRNN's tables too
+    # MLP output projections: 2x the LR (r0126:358-367), and the record's (in, out) layout gives them the
+    # shape multiplier (3072/768)**0.5 = 2 (r0126:1134, 355) where ours, (out, in), gives 1: so transposed.
+    # Net: attention 1x, c_fc 2x, c_proj 4x, as the record's.
+    ParamGroup("mlp_out", "normuon", ("*mlp.c_proj.weight", "*mlp.proj", "*mlp.shared.c_proj.weight"),
+               lr_mul=2.0, transposed=True),
+    ParamGroup("hidden", "normuon", (MATRIX,)),  # attention, c_fc, and an idea's own matrices
+    ParamGroup("scalars", "adam", ("*",), (0.9, 0.99), 5.0, 0.0),  # every other vector and scalar
+)
+
+
+def param_group(name, p, embeddings):
+    """The row of PARAM_GROUPS that parameter `name` falls in (embeddings: the ids of nn.Embedding weights)."""
+    def matches(pattern):
+        if pattern == EMBEDDING:
+            return id(p) in embeddings
+        return p.ndim >= 2 if pattern == MATRIX else fnmatch.fnmatchcase(name, pattern)
+    return next(row for row in PARAM_GROUPS if any(matches(pattern) for pattern in row.match))
+
+
+def build_optimizers(model, args):
+    """[CautiousAdam, NorMuon] over the model's parameters, a group per row of PARAM_GROUPS that has any, each
+    parameter in exactly one. Each group's base_lr is what lr_factor multiplies."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    members = {row: [] for row in PARAM_GROUPS}
     for name, p in model.named_parameters():
-        kind = ("embed" if id(p) in embedding_ids else "head" if name.startswith("lm_head")
-                else "muon" if p.ndim >= 2 else "scalar")
-        groups[kind].append(p)
-    lrs = {"embed": args.embed_lr, "head": args.head_lr, "scalar": args.scalar_lr}
-    adam = torch.optim.AdamW([dict(params=groups[k], lr=lrs[k]) for k in lrs if groups[k]],
-                             betas=(args.adam_beta1, args.adam_beta2), eps=1e-10,
-                             weight_decay=args.weight_decay, fused=device.type == "cuda")
-    muon = Muon(groups["muon"], lr=args.muon_lr, momentum=args.muon_momentum)
-    for opt in (adam, muon):
+        members[param_group(name, p, embeddings)].append(p)
+    adam_groups = [dict(params=ps, name=row.name, betas=row.betas, lr_mul=row.lr_mul, wd_mul=row.wd_mul)
+                   for row, ps in members.items() if ps and row.optimizer == "adam"]
+    normuon_groups = [dict(params=ps, name=row.name, lr_mul=row.lr_mul, transposed=row.transposed)
+                      for row, ps in members.items() if ps and row.optimizer == "normuon"]
+    adam = CautiousAdam(adam_groups, lr=args.adam_lr, eps=args.adam_eps, weight_decay=args.adam_weight_decay)
+    normuon = NorMuon(normuon_groups, lr=args.muon_lr, momentum=args.muon_momentum, beta2=args.muon_beta2,
+                      weight_decay=args.muon_weight_decay)
+    for opt in (adam, normuon):
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
-    return [adam, muon]
+    return [adam, normuon]
 
 
 def train_step(run, step, elapsed=0.0):
@@ -1089,9 +1271,11 @@ def train_step(run, step, elapsed=0.0):
                 loss = model(x, y)
             run.scaler.scale(loss / accum).backward()
         loss_sum += loss.detach().float()
+    adam, normuon = run.optimizers
     for opt in run.optimizers:
         run.scaler.unscale_(opt)
-        run.scaler.step(opt)
+    run.scaler.step(adam, hold=not adam_steps_at(step))  # hold: keep this step's gradients for the next
+    run.scaler.step(normuon)
     run.scaler.update()
     model.zero_grad(set_to_none=True)
     if run.world > 1:
@@ -1190,7 +1374,7 @@ def diverged(run, loss, step):
 
 def lower_lr_flags(args):
     """What to lower after a divergence: the learning rates set above their defaults, or all of them."""
-    flags = ["muon_lr", "embed_lr", "head_lr", "scalar_lr"]
+    flags = ["muon_lr", "adam_lr"]
     raised = [f for f in flags if getattr(args, f) > getattr(Hyperparameters, f)] or flags
     return "lower " + ", ".join(f"--{f}={getattr(args, f):g} (default {getattr(Hyperparameters, f):g})"
                                 for f in raised)
@@ -1304,6 +1488,8 @@ def in_range(low, high, high_included=True):
     return lambda v: low <= v <= high if high_included else low <= v < high
 
 
+NUMBER = r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"  # a plain non-negative decimal number: 1, 1.52, .5, 2e-3
+
 # Every flag's allowed values, in one place, checked after the preset and the flags (and a resumed
 # checkpoint's settings): flag -> (test, what is allowed). An idea's own flags are checked by
 # IdeaFlags.check().
@@ -1326,17 +1512,19 @@ LIMITS = {
     "batch_stages": (at_least(1), "an integer >= 1"),
     "device_batch_tokens": (lambda v: v == "auto" or v >= 1, "an integer >= 1, or auto"),
     "warmup_steps": (at_least(0), "an integer >= 0"),
+    "stage_lr_mults": (lambda v: v == "auto" or re.fullmatch(rf"{NUMBER}(,{NUMBER})*", v),
+                       "auto or numbers >= 0, comma-separated, one per batch stage"),
     "cooldown_frac": (in_range(0, 1), "a number in [0, 1]"),
     "lr_floor": (in_range(0, 1), "a number in [0, 1]"),
     "muon_lr": (at_least(0), "a number >= 0"),
     "muon_momentum": (in_range(0, 1, high_included=False), "a number in [0, 1)"),
     "muon_momentum_warmup_steps": (at_least(0), "an integer >= 0"),
-    "embed_lr": (at_least(0), "a number >= 0"),
-    "head_lr": (at_least(0), "a number >= 0"),
-    "scalar_lr": (at_least(0), "a number >= 0"),
-    "adam_beta1": (in_range(0, 1, high_included=False), "a number in [0, 1)"),
-    "adam_beta2": (in_range(0, 1, high_included=False), "a number in [0, 1)"),
-    "weight_decay": (at_least(0), "a number >= 0"),
+    "muon_momentum_cooldown_steps": (at_least(0), "an integer >= 0"),
+    "muon_beta2": (in_range(0, 1, high_included=False), "a number in [0, 1)"),
+    "muon_weight_decay": (at_least(0), "a number >= 0"),
+    "adam_lr": (at_least(0), "a number >= 0"),
+    "adam_eps": (lambda v: 0 < v < math.inf, "a number > 0"),
+    "adam_weight_decay": (at_least(0), "a number >= 0"),
     "val_every": (at_least(0), "an integer >= 0 (0: only at the end)"),
     "val_tokens": (at_least(0), "an integer >= 0 (0: no validation)"),
     "target_val_loss": (math.isfinite, "a finite number"),
@@ -1356,6 +1544,10 @@ def check_args(args):
         if not allowed(value):
             raise SystemExit(f"error: --{name}={value}: expected {what}")
     # rotary: turning and still channel pairs
+    mults = args.stage_lr_mults.split(",")
+    if args.stage_lr_mults != "auto" and len(mults) != args.batch_stages:
+        raise SystemExit(f"error: --stage_lr_mults={args.stage_lr_mults}: expected {args.batch_stages} "
+                         f"multipliers, one per batch stage (--batch_stages={args.batch_stages}), or auto")
     if args.n_embd % 4:
         raise SystemExit(f"error: --n_embd={args.n_embd}: expected a multiple of 4 (heads of a multiple of 4 "
                          f"channels, for rotary), e.g. --n_embd={args.n_embd // 4 * 4 or 4}")
@@ -1585,7 +1777,7 @@ def build_model(run):
         args.device_batch_tokens = auto_device_batch_tokens(run)
         if args.attention == "flex":
             run.raw_model.config.seq_len = args.device_batch_tokens
-    run.optimizers = build_optimizers(run.raw_model, args, device)
+    run.optimizers = build_optimizers(run.raw_model, args)
     if run.use_compile:  # compiled lazily, at the warm-up's first step
         # each kind of block (value embeddings or not, an idea's own), in training and in evaluation, is an
         # entry of Block.forward's one compile cache: room for 16, not Dynamo's default 8 (AFNO's two kinds
@@ -1882,8 +2074,8 @@ def memory_stats(device):
 def probe_fits(model, args, device, amp_ctx, size):
     """Does a micro-batch of `size` tokens fit? One real forward+backward of the model that will train (the
     compiled one when compile is on: its fused graph needs far less memory than eager's fp32 logits), plus
-    room for the optimizer states (at most two fp32 copies of the weights), within 90% of the device's memory.
-    """
+    room for the optimizer states (at most three fp32 copies of the weights: Adam's two moments and its held
+    gradient), within 90% of the device's memory."""
     idx = torch.randint(0, args.vocab_size, (1, size), device=device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -1895,7 +2087,7 @@ def probe_fits(model, args, device, amp_ctx, size):
     except torch.OutOfMemoryError:
         peak, total = math.inf, 0
     model.zero_grad(set_to_none=True)
-    optimizer_bytes = 8 * sum(p.numel() for p in model.parameters())
+    optimizer_bytes = 12 * sum(p.numel() for p in model.parameters())
     return peak + optimizer_bytes <= 0.9 * total
 
 

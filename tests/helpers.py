@@ -68,7 +68,7 @@ def small_args(train_glob, val_glob, log_dir, **overrides):
     """Flags for a fast CPU run on synthetic shards (vocab 256): a few seconds for a dozen steps."""
     flags = dict(preset="tiny", train_files=train_glob, val_files=val_glob, log_dir=log_dir, vocab_size=256,
                  n_layer=2, n_head=2, n_embd=64, batch_tokens=256, batch_stages=1, device_batch_tokens=256,
-                 window_blocks="1", num_iterations=12, val_every=6, val_tokens=2048, embed_lr=0.1, head_lr=0.02)
+                 window_blocks="1", num_iterations=12, val_every=6, val_tokens=2048)
     flags.update(overrides)
     return [f"--{k}={v}" for k, v in flags.items()]
 

@@ -283,8 +283,10 @@ def test_124m_parameters_flops_cache_and_optimizer_groups():
                + 4 * 72 + 2 * 72 + 3 * 96 + 12 + 12)
     assert counter.get_total_flops() / 1408 == 6 * weights + 12 * 4 * 768 * 1408 == 659_722_608
     assert 4 * 2 * 768 + 6 * 768 == 10_752 and 10 * 2 * 768 == 15_360
-    adam, muon = afno.build_optimizers(model, args, torch.device("cpu"))
+    adam, muon = afno.build_optimizers(model, args)
     muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
-    scalar_group = next(g for g in adam.param_groups if g["lr"] == args.scalar_lr)
+    scalar_group = next(g for g in adam.param_groups if g["name"] == "scalars")
+    assert scalar_group["lr"] * scalar_group["lr_mul"] == pytest.approx(0.04) and scalar_group["wd_mul"] == 0
     assert id(mixer.kernel) in {id(p) for p in scalar_group["params"]}
     assert {id(mixer.w_in), id(mixer.w_hidden), id(mixer.w_out)} <= muon_ids
+    assert not any(p.is_complex() for p in mixer.parameters())

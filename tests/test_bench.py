@@ -274,7 +274,7 @@ def test_gpu_tests_are_collected_and_skip_on_cpu(tmp_path):
     assert "PytestUnknownMarkWarning" not in collected.stdout + collected.stderr  # pytest.ini registers `gpu`
     names = [line for line in collected.stdout.splitlines() if line.startswith("tests/test_gpu.py::")]
     for kind in ("softcap_cross_entropy_kernel", "linear_softcap_cross_entropy_kernel", "xxt_kernel",
-                 "fused_linear_cross_entropy_memory", "fused_adamw", "fp16", "compile_warmup"):
+                 "fused_linear_cross_entropy_memory", "optimizers_take_the_cpus_steps", "fp16", "compile_warmup"):
         assert any(kind in name for name in names), kind
     assert sum("sdpa_backend" in name for name in names) == len(SCRIPTS)  # every script's attention
     # The tests stage's own pytest command, for real: on CPU every test is a skip, not an error, and the

@@ -423,7 +423,7 @@ def test_muon_orthogonalises_each_mla_matrix_on_its_own():
     their optimizer is the shared section's choice.)"""
     model = build(randomise=False, q_lora_rank=24)
     args, _ = mla.parse_args(["--preset=tiny"])
-    _, muon = mla.build_optimizers(model, args, torch.device("cpu"))
+    _, muon = mla.build_optimizers(model, args)
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
     attn = model.blocks[0].attn
     shapes = {name: tuple(p.shape) for name, p in attn.named_parameters() if id(p) in in_muon and "gate" not in name}

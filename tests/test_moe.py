@@ -177,12 +177,12 @@ def test_balance_loss_changes_the_training_loss_not_the_validation_loss():
 
 
 def test_muon_orthogonalises_each_expert_on_its_own():
-    """The stacked (E, out, in) expert weights go to Muon (the router too; the balancing bias is a buffer, in no
+    """The stacked (E, out, in) expert weights go to NorMuon (the router too; the balancing bias is a buffer, in no
     optimizer), and each expert's slice of the update is ~orthogonal by itself, while the same experts flattened
-    into one matrix would not be: the update is per expert."""
+    into one matrix would not be: the update is per expert (NorMuon's second moment too)."""
     model = build()
     args, _ = moe.parse_args(["--preset=tiny"])
-    adam, muon = moe.build_optimizers(model, args, torch.device("cpu"))
+    adam, muon = moe.build_optimizers(model, args)
     layer = model.blocks[0].mlp
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
     assert {id(layer.fc), id(layer.proj), id(layer.router.weight)} <= in_muon
@@ -195,7 +195,7 @@ def test_muon_orthogonalises_each_expert_on_its_own():
     U, _, Vh = torch.linalg.svd(torch.randn(16, 64, 64))
     spectrum = torch.logspace(-1.3, 0, 64) * torch.logspace(0, 2, 16)[:, None]
     layer.fc.grad = U @ torch.diag_embed(spectrum) @ Vh
-    opt = moe.Muon([layer.fc], lr=0.1, momentum=0.0, nesterov=False)
+    opt = moe.NorMuon([layer.fc], lr=0.1, momentum=0.0, weight_decay=0.0)
     before = layer.fc.detach().clone()
     opt.step()
     update = (before - layer.fc.detach()) / 0.1  # square 64 x 64 slices: scale 1

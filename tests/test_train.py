@@ -285,18 +285,20 @@ def test_kernels_flag_runs_the_triton_kernels_with_the_same_numbers(shards, tmp_
 
 
 def test_resume_applies_the_flags_given_now(shards, tmp_path):
-    """Resuming with all learning rates 0 must freeze the weights: the optimizers' saved lr must not win."""
+    """Resuming with all learning rates 0 must freeze the weights (the cautious weight decay goes with the LR): the
+    optimizers' saved lr must not win, nor their saved eps."""
     module = load_script(ROOT / "train_gpt2.py")
     full = module.main(small_args(*shards, tmp_path / "a", num_iterations=8, save_every=4, val_every=0))
     ckpt = tmp_path / "a" / full["run_id"] / "ckpt_step000004.pt"
-    frozen = module.main([f"--resume={ckpt}", f"--log_dir={tmp_path / 'b'}", "--muon_lr=0", "--embed_lr=0",
-                          "--head_lr=0", "--scalar_lr=0", "--adam_beta1=0.5"])
+    frozen = module.main([f"--resume={ckpt}", f"--log_dir={tmp_path / 'b'}", "--muon_lr=0", "--adam_lr=0",
+                          "--adam_eps=1e-6"])
     before = torch.load(ckpt, weights_only=False)
     after = torch.load(frozen["last_checkpoint"], weights_only=False)
     assert after["step"] == 8 and after["args"]["muon_lr"] == 0
     for name, tensor in before["model"].items():
         assert torch.equal(after["model"][name], tensor), name
-    assert all(g["lr"] == 0 and g["betas"][0] == 0.5 for g in after["optimizers"][0]["param_groups"])
+    assert all(g["lr"] == 0 and g["eps"] == 1e-6 for g in after["optimizers"][0]["param_groups"])
+    assert all(g["lr"] == 0 for g in after["optimizers"][1]["param_groups"])
 
 
 @pytest.fixture(scope="module")
@@ -444,7 +446,8 @@ def test_torchrun_prints_an_error_once(shards, tmp_path):
 
 def test_probe_fits_runs_a_real_step_against_a_memory_budget(monkeypatch):
     """probe_fits itself, with a fake device memory: 1 MB per token of activations, and an out-of-memory error
-    from 8 tokens on; the optimizer states (8 bytes a weight) count against the budget too."""
+    from 8 tokens on; the optimizer states (12 bytes a weight: Adam's two moments and its held gradient) count
+    against the budget too."""
     module = load_script(ROOT / "train_gpt2.py")
     args, _ = module.parse_args(["--preset=tiny", "--vocab_size=256"])
     model = module.GPT(module.GPTConfig.from_args(args))
@@ -456,7 +459,7 @@ def test_probe_fits_runs_a_real_step_against_a_memory_budget(monkeypatch):
             raise torch.OutOfMemoryError("fake: out of memory")
 
     model.register_forward_pre_hook(record)
-    optimizer_bytes = 8 * sum(p.numel() for p in model.parameters())
+    optimizer_bytes = 12 * sum(p.numel() for p in model.parameters())
     budget = (5.5e6 + optimizer_bytes) / 0.9  # 5 tokens fit, 6 do not
     monkeypatch.setattr(module, "memory_stats", lambda device: (1e6 * seen[-1], budget))
     fits = lambda b: module.probe_fits(model, args, torch.device("cpu"), contextlib.nullcontext(), b)  # noqa: E731
