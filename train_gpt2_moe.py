@@ -1202,11 +1202,14 @@ class ParamGroup:
 
 
 PARAM_GROUPS = (
+    # gates: LightRNN's column gate (named lm_head_*, but a gate: no 150x decay on it)
+    ParamGroup("gates", "adam", ("*.attn_gate.weight", "*.ve_gate.weight", "lm_head_col_gate"), (0.9, 0.99), 1.0,
+               1.0),
+    ParamGroup("xsa", "adam", ("*.xsa_alpha",), (0.9, 0.95), 1.0, 0.0),  # XSA's strengths (2026-04-29 record)
     ParamGroup("lm_head", "adam", ("lm_head*",), (0.5, 0.95), wd_mul=150.0),  # LightRNN's factors too
     ParamGroup("value_embeds", "adam", ("value_embeds.*", "bigram_embed.weight"), (0.75, 0.95), 75.0, 5.0),
     ParamGroup("smear_gate", "adam", ("smear_gate.weight",), (0.9, 0.99), 0.01, 0.0),
     ParamGroup("skip_gate", "adam", ("skip_gate.weight",), (0.9, 0.99), 0.05, 0.0),
-    ParamGroup("gates", "adam", ("*.attn_gate.weight", "*.ve_gate.weight"), (0.9, 0.99), 1.0, 1.0),
     ParamGroup("x0_lambdas", "adam", ("*x0_lambda*",), (0.65, 0.95), 5.0, 0.0),
     ParamGroup("embed", "adam", ("wte.weight", EMBEDDING), (0.5, 0.95), wd_mul=150.0),  # LightRNN's tables too
     # MLP output projections: 2x the LR (r0126:358-367), and the record's (in, out) layout gives them the

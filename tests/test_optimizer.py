@@ -353,7 +353,11 @@ def record_settings(name, p, is_embedding):
     def adam(betas, lr_mul, wd_mul):
         return "adam", betas, ADAM_LR * lr_mul, wd_mul
     last = name.rsplit(".", 2)
-    if name.startswith("lm_head"):  # LightRNN's row/column heads and their gate included
+    if name.endswith(".xsa_alpha"):  # the 2026-04-29 record's xsa_alphas row
+        return adam((0.9, 0.95), 1.0, 0.0)
+    if name == "lm_head_col_gate":  # LightRNN's column gate: a gate, as the attention gates
+        return adam((0.9, 0.99), 1.0, 1.0)
+    if name.startswith("lm_head"):  # LightRNN's row/column heads
         return adam((0.5, 0.95), 1.0, 150.0)
     if name.startswith("value_embeds.") or name == "bigram_embed.weight":
         return adam((0.75, 0.95), 75.0, 5.0)
@@ -467,10 +471,10 @@ def test_the_record_style_names_land_in_the_records_groups():
 
 
 def test_param_groups_rows_are_the_records_table():
-    """PARAM_GROUPS itself, row by row (r0126:1577-1592)."""
+    """PARAM_GROUPS itself, row by row (r0126:1577-1592; XSA's from the 2026-04-29 record)."""
     rows = {row.name: (row.optimizer, row.betas if row.optimizer == "adam" else None, row.lr_mul, row.wd_mul)
             for row in train.PARAM_GROUPS}
-    assert rows == {"lm_head": ("adam", (0.5, 0.95), 1.0, 150.0), "value_embeds": ("adam", (0.75, 0.95), 75.0, 5.0),
+    assert rows == {"xsa": ("adam", (0.9, 0.95), 1.0, 0.0), "lm_head": ("adam", (0.5, 0.95), 1.0, 150.0), "value_embeds": ("adam", (0.75, 0.95), 75.0, 5.0),
                     "smear_gate": ("adam", (0.9, 0.99), 0.01, 0.0), "skip_gate": ("adam", (0.9, 0.99), 0.05, 0.0),
                     "gates": ("adam", (0.9, 0.99), 1.0, 1.0), "x0_lambdas": ("adam", (0.65, 0.95), 5.0, 0.0),
                     "embed": ("adam", (0.5, 0.95), 1.0, 150.0), "mlp_out": ("normuon", None, 2.0, 1.0),
