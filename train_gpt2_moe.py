@@ -1307,82 +1307,6 @@ def evaluate(run):
     return total.item() / (n_streams * run.world)
 
 
-class StepRecord:
-    """A step taken, logged once the next step is queued: its loss (and an idea's log_stats) are copied to the
-    host now, behind the work that makes them, so reading them then waits for this step only, never for the
-    next."""
-
-    def __init__(self, run, step, loss):
-        self.step, self.tokens_seen = step, run.state["tokens_seen"]
-        self.values = {"train_loss": loss, **run.raw_model.log_stats()}  # an idea's, e.g. MoE's expert load
-        # on a CPU the step is done when train_step returns
-        self.ready, self.done_at = None, time.perf_counter()
-        if run.device.type == "cuda":
-            self.values = {k: v.detach().to("cpu", non_blocking=True) for k, v in self.values.items()}
-            self.ready = torch.cuda.Event()
-            self.ready.record()
-
-    def read(self):
-        """The values, once the step is done; done_at becomes the time it was (near enough: the host is
-        ahead)."""
-        if self.ready is not None:
-            self.ready.synchronize()
-            self.done_at = time.perf_counter()
-        return {k: float(v) for k, v in self.values.items()}
-
-
-def log_step(run, record, t0):
-    """The step line of a step taken, its clock read when the step was done (t0: when the clock last started;
-    None when it has stopped), or the stop on a non-finite or diverged loss."""
-    args, state = run.args, run.state
-    values = record.read()
-    train_loss, step = values.pop("train_loss"), record.step
-    finite = math.isfinite(train_loss)
-    if not finite or diverged(run, train_loss, step):
-        first_bad = step - run.bad_steps + 1 if finite else step
-        # the weights after first_bad - 1 updates gave a bad loss: a checkpoint of them is bad too
-        state["checkpoints"] = [c for c in state["checkpoints"] if c[0] < first_bad - 1]
-        run.stopped = (f"train_loss is {train_loss} at step {step}" if not finite else
-                       f"train_loss diverged at step {first_bad} ({train_loss:.4f} at step {step}, "
-                       f"{run.bad_steps} steps running 2 over its best or no better than uniform)")
-        good = last_checkpoint(run)
-        again = f"resume from {good}" if good else "no good checkpoint was saved: start again"
-        run.error = f"error: stopped: {run.stopped}; {again} with {lower_lr_flags(args)}"
-        run.log.write(run.error)
-        return
-    now = state["train_time"] + (record.done_at - t0 if t0 is not None else 0.0)
-    step_ms, kilo_tok_per_s = 1000 * now / step, record.tokens_seen / now / 1000
-    eta = (args.num_iterations - step) * step_ms / 1000
-    eta = min(eta, args.time_budget_s - now) if args.time_budget_s > 0 else eta
-    idea_stats = "".join(f" {name}:{value:.2f}" for name, value in values.items())
-    track(run, step, dict(train_loss=train_loss, train_time_ms=now * 1000, step_avg_ms=step_ms,
-                          tokens_per_s=record.tokens_seen / now, **values))
-    run.log.write(f"step:{step}/{args.num_iterations} train_loss:{train_loss:.4f} "
-                  f"train_time:{now * 1000:.0f}ms step_avg:{step_ms:.1f}ms "
-                  f"tok/s:{kilo_tok_per_s:.{0 if kilo_tok_per_s >= 100 else 1}f}k "
-                  f"eta:{format_seconds(max(0.0, eta))}{idea_stats}")
-
-
-def diverged(run, loss, step):
-    """Has the loss diverged? A step's loss is bad when it is no better than guessing uniformly (above
-    ln(vocab_size) - 0.1: where a blown-up model sits, the logit cap keeping its loss finite) or 2 nats over the
-    best so far; diverge_steps bad steps running, after the LR warm-up, are a divergence. A healthy run is
-    below both within a few steps and never 2 over its best for long."""
-    args, state = run.args, run.state
-    state["best_train_loss"] = min(state["best_train_loss"], loss)
-    bad = loss > min(math.log(args.vocab_size) - 0.1, state["best_train_loss"] + 2.0)
-    run.bad_steps = run.bad_steps + 1 if bad and step > args.warmup_steps else 0
-    return 0 < args.diverge_steps <= run.bad_steps
-
-
-def lower_lr_flags(args):
-    """What to lower after a divergence: the learning rates set above their defaults, or all of them."""
-    flags = ["muon_lr", "adam_lr"]
-    raised = [f for f in flags if getattr(args, f) > getattr(Hyperparameters, f)] or flags
-    return "lower " + ", ".join(f"--{f}={getattr(args, f):g} (default {getattr(Hyperparameters, f):g})"
-                                for f in raised)
-
-
 def train_loop(run):
     """The steps, validation every val_every, checkpoints every save_every, and the training clock, which
     stops for both and at the end. Sets run.stopped (why the run ended early) and returns the number of steps
@@ -1483,6 +1407,82 @@ def main(argv=None):
 
 
 # ---- harness ----
+class StepRecord:
+    """A step taken, logged once the next step is queued: its loss (and an idea's log_stats) are copied to the
+    host now, behind the work that makes them, so reading them then waits for this step only, never for the
+    next."""
+
+    def __init__(self, run, step, loss):
+        self.step, self.tokens_seen = step, run.state["tokens_seen"]
+        self.values = {"train_loss": loss, **run.raw_model.log_stats()}  # an idea's, e.g. MoE's expert load
+        # on a CPU the step is done when train_step returns
+        self.ready, self.done_at = None, time.perf_counter()
+        if run.device.type == "cuda":
+            self.values = {k: v.detach().to("cpu", non_blocking=True) for k, v in self.values.items()}
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def read(self):
+        """The values, once the step is done; done_at becomes the time it was (near enough: the host is
+        ahead)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.done_at = time.perf_counter()
+        return {k: float(v) for k, v in self.values.items()}
+
+
+def log_step(run, record, t0):
+    """The step line of a step taken, its clock read when the step was done (t0: when the clock last started;
+    None when it has stopped), or the stop on a non-finite or diverged loss."""
+    args, state = run.args, run.state
+    values = record.read()
+    train_loss, step = values.pop("train_loss"), record.step
+    finite = math.isfinite(train_loss)
+    if not finite or diverged(run, train_loss, step):
+        first_bad = step - run.bad_steps + 1 if finite else step
+        # the weights after first_bad - 1 updates gave a bad loss: a checkpoint of them is bad too
+        state["checkpoints"] = [c for c in state["checkpoints"] if c[0] < first_bad - 1]
+        run.stopped = (f"train_loss is {train_loss} at step {step}" if not finite else
+                       f"train_loss diverged at step {first_bad} ({train_loss:.4f} at step {step}, "
+                       f"{run.bad_steps} steps running 2 over its best or no better than uniform)")
+        good = last_checkpoint(run)
+        again = f"resume from {good}" if good else "no good checkpoint was saved: start again"
+        run.error = f"error: stopped: {run.stopped}; {again} with {lower_lr_flags(args)}"
+        run.log.write(run.error)
+        return
+    now = state["train_time"] + (record.done_at - t0 if t0 is not None else 0.0)
+    step_ms, kilo_tok_per_s = 1000 * now / step, record.tokens_seen / now / 1000
+    eta = (args.num_iterations - step) * step_ms / 1000
+    eta = min(eta, args.time_budget_s - now) if args.time_budget_s > 0 else eta
+    idea_stats = "".join(f" {name}:{value:.2f}" for name, value in values.items())
+    track(run, step, dict(train_loss=train_loss, train_time_ms=now * 1000, step_avg_ms=step_ms,
+                          tokens_per_s=record.tokens_seen / now, **values))
+    run.log.write(f"step:{step}/{args.num_iterations} train_loss:{train_loss:.4f} "
+                  f"train_time:{now * 1000:.0f}ms step_avg:{step_ms:.1f}ms "
+                  f"tok/s:{kilo_tok_per_s:.{0 if kilo_tok_per_s >= 100 else 1}f}k "
+                  f"eta:{format_seconds(max(0.0, eta))}{idea_stats}")
+
+
+def diverged(run, loss, step):
+    """Has the loss diverged? A step's loss is bad when it is no better than guessing uniformly (above
+    ln(vocab_size) - 0.1: where a blown-up model sits, the logit cap keeping its loss finite) or 2 nats over the
+    best so far; diverge_steps bad steps running, after the LR warm-up, are a divergence. A healthy run is
+    below both within a few steps and never 2 over its best for long."""
+    args, state = run.args, run.state
+    state["best_train_loss"] = min(state["best_train_loss"], loss)
+    bad = loss > min(math.log(args.vocab_size) - 0.1, state["best_train_loss"] + 2.0)
+    run.bad_steps = run.bad_steps + 1 if bad and step > args.warmup_steps else 0
+    return 0 < args.diverge_steps <= run.bad_steps
+
+
+def lower_lr_flags(args):
+    """What to lower after a divergence: the learning rates set above their defaults, or all of them."""
+    flags = ["muon_lr", "adam_lr"]
+    raised = [f for f in flags if getattr(args, f) > getattr(Hyperparameters, f)] or flags
+    return "lower " + ", ".join(f"--{f}={getattr(args, f):g} (default {getattr(Hyperparameters, f):g})"
+                                for f in raised)
+
+
 def at_least(low):
     return lambda v: low <= v < math.inf
 
