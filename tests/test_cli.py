@@ -25,6 +25,7 @@ def test_flags_have_the_documented_names(script):
 def test_presets_and_overrides(script):
     args, given = script.parse_args(["--preset=modded", "--num_iterations=7", "--stop_at_target=1", "--compile=0"])
     assert (args.target_val_loss, args.val_tokens, args.num_iterations) == (3.28, 10485760, 7)
+    assert script.parse_args(["--preset=modded"])[0].num_iterations == 2290
     assert args.stop_at_target is True and args.compile == 0
     assert given == {"preset": "modded", "num_iterations": 7, "stop_at_target": True, "compile": 0}
     bottlecap, _ = script.parse_args(["--preset=bottlecap"])
@@ -32,7 +33,7 @@ def test_presets_and_overrides(script):
     default, _ = script.parse_args([])
     assert (default.n_layer, default.n_head, default.n_embd, default.vocab_size) == (11, 6, 768, 50304)
     assert (default.batch_tokens, default.batch_stages, default.num_iterations, default.window_blocks) == (
-        393216, 3, 2160, "3,7,11")
+        393216, 3, 1870, "3,7,11")
     assert script.parse_args(["--device_batch_tokens=auto"])[0].device_batch_tokens == "auto"
     assert script.parse_args(["--preset=tiny", "--device_batch_tokens=4"])[0].device_batch_tokens == 4
 

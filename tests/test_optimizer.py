@@ -277,10 +277,11 @@ def lr_at(step, args):
     return train.lr_factor(step, train.run_progress(step, args), args)
 
 
-def test_lr_schedule_of_the_124m_run():
-    """2160 steps, three stages switching with the batch at steps 720 and 1440, cool-down over the last 55% (from step
-    972) to the absolute floor 0.1: m * w + (1 - w) * 0.1, w = (1 - step / 2160) / 0.55."""
-    args, _ = train.parse_args([])
+def test_lr_schedule_of_a_2160_step_run():
+    """2160 steps (the 124M defaults but the length), three stages switching with the batch at steps 720 and 1440,
+    cool-down over the last 55% (from step 972) to the absolute floor 0.1: m * w + (1 - w) * 0.1, w = (1 - step /
+    2160) / 0.55."""
+    args, _ = train.parse_args(["--num_iterations=2160"])
     w = lambda step: (1 - step / 2160) / 0.55  # noqa: E731
     assert lr_at(0, args) == lr_at(719, args) == 1.0
     assert lr_at(720, args) == lr_at(971, args) == 1.52  # the batch doubles: (16/8)**0.6
@@ -331,10 +332,11 @@ def test_with_a_time_budget_the_cooldown_follows_the_clock():
 def test_muon_momentum_warms_up_and_cools_down():
     """0.85 -> 0.95 over the first 300 steps, back to 0.85 over the last 50 (r0126:1534-1547): of 2160 steps, the
     cool-down starts after step 2110 and the last step, 2159, has 0.95 - 49/50 * 0.1."""
-    args, _ = train.parse_args([])
+    args, _ = train.parse_args(["--num_iterations=2160"])
     momentum = [train.muon_momentum(step, args) for step in (0, 150, 299, 300, 2110, 2111, 2135, 2159)]
     assert momentum == pytest.approx([0.85, 0.90, 0.85 + 299 / 3000, 0.95, 0.95, 0.948, 0.90, 0.852])
-    off, _ = train.parse_args(["--muon_momentum_warmup_steps=0", "--muon_momentum_cooldown_steps=0"])
+    off, _ = train.parse_args(["--muon_momentum_warmup_steps=0", "--muon_momentum_cooldown_steps=0",
+                               "--num_iterations=2160"])
     assert train.muon_momentum(0, off) == train.muon_momentum(2159, off) == 0.95
 
 
