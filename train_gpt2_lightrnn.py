@@ -913,12 +913,21 @@ def check_train_is_not_val(train_pattern, val_pattern):
 
 
 class DistributedDataLoader:
-    """Micro-batches as packed token streams: the shards' documents in order, each cut to its first doc_cap
-    tokens (2025-09-03 record; 0: uncut), one after another. A micro-step takes the next world * T tokens of
-    that stream (+1 for the last target) and rank r the r-th slice of T, so a step's data is the same for any
-    split into ranks x accumulation steps. The position (shard, document, offset) is saved in checkpoints.
-    Every shard's header and token ids are checked up front: a bad shard is an error before the first step,
-    not hours in (one pass over memmaps: docs/data.md gives the time)."""
+    """Micro-batches as rows that start at a document's first token (2025-07-12_BosAlign record: "learning
+    from mid-sample context is more challenging", and a row without its <|endoftext|> may lose the attention
+    sink that token gives). A row is T + 1 tokens (inputs the first T, targets the last T) of the shards'
+    documents in order, each cut to its first doc_cap tokens (2025-09-03 record; 0: uncut): from a document
+    start it takes whole documents until it is full; the last one is cut at the row's end and the rest of it
+    dropped, and the next row starts at the next document. A document longer than a row fills one alone. Rows
+    are full (no padding) and never span shards: a shard's last documents, too few to fill a row, are dropped,
+    as is a shard shorter than a row (an empty one too); after the last shard, the first again (a new epoch).
+    Every document starts with EOT, but shards are cut at a fixed size (FineWeb's, data/fineweb.py's), so one
+    may begin inside a document: its tokens before its first EOT are taken as a document (a shard with no EOT
+    is one), and a shard's first row is the only kind that may start without EOT. Micro-step m gives rank r
+    row m * world + r, so a step's data is the same for any split into ranks x accumulation steps. The next
+    row's position (shard, document) is saved in checkpoints: a resumed run sees the rows an uninterrupted one
+    would. Every shard's header and token ids are checked up front: a bad shard is an error before the first
+    step, not hours in (one pass over memmaps: docs/data.md gives the time)."""
 
     def __init__(self, pattern, T, rank, world, device, vocab_size=None, doc_cap=0):
         self.files = find_shards(pattern, "train_files")
@@ -927,45 +936,60 @@ class DistributedDataLoader:
         if sum(len(read_shard(f, vocab_size)) for f in self.files) == 0:
             raise SystemExit(f"error: the shards of --train_files={pattern} hold no tokens")
         self.shard = None
-        self.load_state_dict({"shard": 0, "doc": 0, "offset": 0})
+        self.load_state_dict({"shard": 0, "doc": 0})
+        if not self.row_left():  # settle() went round every shard
+            raise SystemExit(f"error: every shard of --train_files={pattern} holds fewer than {T + 1} tokens "
+                             f"of documents (cut to --doc_cap={doc_cap}), too few for one row of "
+                             f"--device_batch_tokens={T} + 1: lower --device_batch_tokens or give larger "
+                             "shards")
 
     def state_dict(self):
-        return {"shard": self.shard, "doc": self.doc, "offset": self.offset}
+        return {"shard": self.shard, "doc": self.doc}
 
     def load_state_dict(self, state):
-        if state["shard"] != self.shard:
-            self.tokens = read_shard(self.files[state["shard"]])
+        """Go to the row that starts at document state["doc"] of shard state["shard"], or the next row after
+        it. (A checkpoint of the older unaligned stream also holds an offset into that document: not used.)"""
+        self.open(state["shard"])
+        self.doc = state["doc"]
+        self.settle()
+
+    def row_left(self):
+        return self.filled[-1] - self.filled[self.doc] >= self.T + 1
+
+    def settle(self):
+        """On to the next shard's first document if this one has too few tokens left for a row (and past every
+        shard too short for one, going round them at most once)."""
+        for _ in range(len(self.files)):
+            if self.row_left():
+                return
+            self.open((self.shard + 1) % len(self.files))
+            self.doc = 0
+
+    def open(self, shard):
+        """Make shard the current one: its tokens, its documents as (start, end after the cut) spans, and
+        filled[i], the tokens of its documents before document i."""
+        if shard != self.shard:
+            self.tokens = read_shard(self.files[shard])
             starts = np.flatnonzero(self.tokens == EOT)
-            if len(starts) == 0 or starts[0] != 0:  # a shard may begin inside a document
+            if len(self.tokens) and (len(starts) == 0 or starts[0] != 0):  # a shard begun inside a document
                 starts = np.concatenate(([0], starts))
-            ends = np.append(starts[1:], len(self.tokens))
+            ends = np.append(starts, len(self.tokens))[1:]
             cut = np.minimum(ends, starts + self.doc_cap) if self.doc_cap else ends
             self.spans = np.stack((starts, cut), 1)
-        self.shard, self.doc, self.offset = state["shard"], state["doc"], state["offset"]
-
-    def read(self, n):
-        """The next n tokens of the stream; after the last shard, the first again (a new epoch)."""
-        parts = []
-        while n:
-            if self.doc == len(self.spans):
-                self.load_state_dict({"shard": (self.shard + 1) % len(self.files), "doc": 0, "offset": 0})
-                continue
-            start, end = self.spans[self.doc]
-            part = self.tokens[start + self.offset:min(end, start + self.offset + n)]
-            parts.append(part)
-            n -= len(part)
-            self.offset += len(part)
-            if start + self.offset == end:
-                self.doc, self.offset = self.doc + 1, 0
-        return np.concatenate(parts)
+            self.filled = np.concatenate(([0], np.cumsum(cut - starts)))
+        self.shard = shard
 
     def next_batch(self):
-        """(inputs, targets), each (1, T): this rank's slice of the next micro-step's stream."""
-        window = self.read(self.world * self.T)
-        after = self.state_dict()
-        window = np.append(window, self.read(1))  # the last target, which the next micro-step reads again
-        self.load_state_dict(after)
-        buf = torch.from_numpy(window[self.rank * self.T:(self.rank + 1) * self.T + 1].astype(np.int64))
+        """(inputs, targets), each (1, T): this rank's row of the next micro-step's world rows."""
+        for r in range(self.world):
+            first, need = self.doc, self.filled[self.doc] + self.T + 1
+            self.doc = int(np.searchsorted(self.filled, need))  # the row's documents: first .. doc - 1
+            if r == self.rank:
+                spans = self.spans[first:self.doc].copy()
+                spans[-1, 1] -= self.filled[self.doc] - need  # the last one cut at the row's end
+                row = np.concatenate([self.tokens[start:end] for start, end in spans])
+            self.settle()
+        buf = torch.from_numpy(row.astype(np.int64))
         if self.device.type == "cuda":  # pinned host memory lets the copy overlap with compute
             buf = buf.pin_memory().to(self.device, non_blocking=True)
         return buf[None, :-1], buf[None, 1:]
@@ -1011,7 +1035,7 @@ class Hyperparameters(IdeaFlags):
     num_iterations: int = 1870  # optimizer steps, 490M tokens (README: why); the schedules span them
     batch_tokens: int = 393216  # tokens per step over all ranks, in the last batch stage (2025-01-26)
     batch_stages: int = 3  # stage s of these parts trains on s/batch_stages of batch_tokens (2025-11-29)
-    device_batch_tokens: int | str = 16384  # tokens per micro-step per rank (one packed stream), or auto
+    device_batch_tokens: int | str = 16384  # tokens per micro-step per rank (a BOS-aligned row), or auto
     warmup_steps: int = 0  # linear LR warm-up steps (the record has none)
     stage_lr_mults: str = "auto"  # LR multiplier per batch stage, comma-separated; auto: 1, 1.52, 1.73 for 3
     cooldown_frac: float = 0.55  # the last fraction of the steps: LR decays linearly to lr_floor (2025-11-29)

@@ -8,6 +8,7 @@ import sys
 import tarfile
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,11 +88,13 @@ TINY = ["--preset=tiny", "--vocab_size=256", "--n_layer=2", "--n_head=2", "--n_e
 
 
 def make_proxy(directory, n_val=4096):
-    """The race's proxy layout (enwiki_train_*, owt_val_*), as small learnable synthetic shards."""
+    """The race's proxy layout (enwiki_train_*, owt_val_*), as small learnable synthetic shards: 40 train
+    shards of 1,000 tokens, since with no <|endoftext|> in 256 ids a shard is one document, so one row."""
     directory.mkdir(parents=True, exist_ok=True)
     tokens = markov_tokens(40_000 + n_val)
     bench.fineweb.write_shard(str(directory / "owt_val_000000.bin"), tokens[:n_val])
-    bench.fineweb.write_shard(str(directory / "enwiki_train_000001.bin"), tokens[n_val:])
+    for i, part in enumerate(np.array_split(tokens[n_val:], 40), 1):
+        bench.fineweb.write_shard(str(directory / f"enwiki_train_{i:06d}.bin"), part)
     return directory
 
 
