@@ -166,7 +166,9 @@ def test_resume_with_a_preset_applies_it_over_the_checkpoint_then_the_flags(shar
     module = load_script(BASELINE)
     first = module.main(small_args(*shards, tmp_path / "a", num_iterations=4, save_every=2, val_tokens=0))
     ckpt = first["last_checkpoint"]
-    summary = module.main([f"--resume={ckpt}", "--preset=modded", "--val_tokens=2048", f"--log_dir={tmp_path}/b"])
+    # the preset's 2290 steps would win over the checkpoint's 4: the flag given wins over both
+    summary = module.main([f"--resume={ckpt}", "--preset=modded", "--val_tokens=2048", "--num_iterations=4",
+                           f"--log_dir={tmp_path}/b"])
     log = (tmp_path / "b" / f"{summary['run_id']}.txt").read_text()
     assert "# --preset=modded applied over the checkpoint's settings, then the flags given" in log
     assert summary["target_val_loss"] == 3.28 and summary["val_tokens"] == 2048  # the preset's, then the flag's
@@ -180,7 +182,7 @@ DIVERGING = dict(muon_lr=1e6, adam_lr=1e6, muon_weight_decay=0, adam_weight_deca
 
 
 def test_a_blown_up_loss_that_stays_finite_stops_the_run_naming_the_flags_to_lower(shards, tmp_path):
-    """With LRs of 1e6 the softcap keeps the loss finite, far above uniform (ln 256): it stops after
+    """With LRs of 1e6 the logit cap keeps the loss finite, far above uniform (ln 256): it stops after
     diverge_steps such steps, exit 1, with no good checkpoint to name."""
     code, out, err = run_script(small_args(*shards, tmp_path, **DIVERGING))
     line = one_error_line(err)
