@@ -982,7 +982,8 @@ def layer_keys(run, loader_at, steps, batch):
             sums[window] += attention_keys(x, window)
         queries += x.numel()
     loader.load_state_dict(after)
-    return [float(sums[long if block.long_window else short]) / queries for block in model.blocks]
+    return [float(sums[long if block.long_window else short]) / queries if getattr(block, "attn", True) is not None
+            else 0.0 for block in model.blocks]  # a block without attention (the record's layer 6) sees no keys
 
 
 def attention_flops(n_embd, keys_per_layer):

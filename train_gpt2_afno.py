@@ -1,17 +1,23 @@
 """GPT-2 speedrun baseline + a causal AFNO token mixer (Guibas et al. 2021) in the upper layers: attention in
-the first third of the layers, above them a block-diagonal, FFT-applied causal convolution over the sequence.
+the first third of the layers (0-3 of 11), in the other attention layers (4, 5, 7-10) a block-diagonal,
+FFT-applied causal convolution over the sequence.
 
     torchrun --nproc_per_node=1 train_gpt2_afno.py   124M on FineWeb (python data/fineweb.py --shards 8)
     python train_gpt2_afno.py --preset=tiny          a CPU-sized run on the bundled sample in data/sample/
     python train_gpt2_afno.py --help                 every flag with its default
 
-What is in this baseline (each piece names the modded-nanogpt record it comes from, where it is defined):
-- GPT-2 small's shape, 12 layers of width 768, with 6 heads of 128, QK-norm, half-truncated rotary, ReLU²,
-  RMSNorm without gains, zero-initialised projections and an untied, zero-initialised head softcapped at 15;
-- FlexAttention over packed token streams: a document never sees another, and layers alternate long and short
-  sliding windows that grow over training;
-- value embeddings in the first and last 3 layers, U-net skips, and every block mixing in the embedding (x0);
-- Muon with Polar Express Newton-Schulz for hidden matrices, AdamW for embeddings, head and scalars;
+What is in this baseline: the recipe of modded-nanogpt's 2026-01 records (each piece names its record where it
+is defined; docs/baseline.md lists them):
+- the record's 11 layers at GPT-2 small's width, 6 heads of 128: layer 6 has no attention, layers 3 and 10
+  have long windows with the partial key offset, XSA in 1, 3, 4, 7, one gated skip (3 -> 6), backout of
+  layer 7;
+- QK-norm, half-truncated rotary with YaRN at each window change, attention scale 0.1, sparse attention gates,
+  5 gated value-embedding tables, smear, a bigram hash embedding, ReLU², RMSNorm without gains, residual
+  lambdas 1.1, the record's inits, an untied head under the logit transform 23 sigmoid((z + 5) / 7.5);
+- FlexAttention over packed, BOS-aligned token streams: nothing sees across documents, not even one token
+  back; windows grow over training, and the final validation widens them;
+- the 2026-01-26 record's optimizer: NorMuon (Muon with Polar Express, a second moment, cautious weight
+  decay) for hidden matrices, Adam every other step for embeddings, head, gates and scalars;
 - batch, LR and window schedules by thirds (131,072 -> 262,144 -> 393,216 tokens a step), a linear cool-down;
 - regional torch.compile, a step loop that never waits for the GPU, any number of GPUs through torchrun.
 
@@ -25,6 +31,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import fnmatch
 import glob
 import hashlib
 import importlib.util
@@ -63,12 +70,12 @@ except ImportError:  # a script copied out of the repo still runs, in plain PyTo
 
 
 # ---- kernels ----
-def linear_softcap_cross_entropy(x, weight, targets, softcap):
-    """Mean cross-entropy of softcap * tanh((x @ weight.T) / softcap) against targets (-1 = ignore)."""
+def linear_logit_cross_entropy(x, weight, targets, cap, offset=0.0, width=None):
+    """Mean cross-entropy of the logits cap * tanh((x @ weight.T + offset) / width) (width None: cap) against
+    targets (-1 = ignore)."""
     if kernels is not None:  # with --kernels=1, chunked: the full (tokens x vocab) logits never exist at once
-        return kernels.linear_softcap_cross_entropy(x, weight, targets, softcap)
-    logits = F.linear(x, weight).float()
-    logits = softcap * torch.tanh(logits / softcap)
+        return kernels.linear_softcap_cross_entropy(x, weight, targets, cap, offset=offset, width=width)
+    logits = cap * torch.tanh((F.linear(x, weight).float() + offset) / (width or cap))
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
@@ -78,6 +85,10 @@ def xxt(X):
 
 
 # ---- muon ----
+# The optimizers of the modded-nanogpt 2026-01-26 record's NorMuonAndAdam, written out: r0126:N below is line
+# N of that record's log (its train_gpt.py). NorMuon for the hidden matrices, Adam for the rest; which
+# parameter goes where, with what settings, is PARAM_GROUPS in the train section.
+
 # Polar Express (Amsel et al. 2025; modded-nanogpt record 2025-09-29, -10 steps): one (a, b, c) per
 # Newton–Schulz step, each the best odd quintic for the singular values that can remain after the steps before
 # it, so five steps land every singular value nearer 1 than Muon's one fixed quintic (3.4445, -4.7750, 2.0315)
@@ -105,35 +116,137 @@ def zeropower_via_newtonschulz5(G, steps=5):
     return X.mT if transposed else X
 
 
-class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton–Schulz (Jordan et al. 2024): Nesterov SGD-momentum whose update of
-    each hidden weight matrix is replaced by the nearest semi-orthogonal matrix. Hidden weights only:
-    embeddings, head and scalars go to AdamW. Same-shape weights are stacked so one batched Newton–Schulz call
-    serves them all. Every rank computes every update (gradients are already averaged by DDP): simple, and
-    free on one GPU."""
+def normuon_normalise(V, second_moment, beta2):
+    """NorMuon (Li et al. 2025, arXiv:2510.05491; modded-nanogpt 2025-10-24, -15 steps), as r0126:764-775
+    computes it: every row of the orthogonalised update V (..., r, c) when r >= c, every column when r < c
+    (one statistic per entry of the longer side, its mean square over the shorter), is divided by the root of
+    that statistic's running mean (second_moment, updated in place: an EMA with beta2, no bias correction,
+    floored at 1e-10), and then the whole matrix is scaled back to V's own Frobenius norm."""
+    dim = -1 if V.size(-2) >= V.size(-1) else -2  # r0126:716
+    n = V.size(dim)
+    mean_square = V.square().mean(dim=dim, keepdim=True)
+    second_moment.lerp_(mean_square, 1 - beta2)
+    scale = second_moment.clamp_min(1e-10).rsqrt()
+    # ||V|| and ||V * scale||, from the statistics: the sums over the shorter side are already taken
+    norm = (mean_square.sum(dim=(-2, -1), keepdim=True) * n).sqrt()
+    scaled_norm = (mean_square * n * scale.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    return V * (scale * (norm / scaled_norm.clamp_min(1e-10)))
 
-    def __init__(self, params, lr=0.05, momentum=0.95, nesterov=True, ns_steps=5):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+
+def cautious_update_(p, update, decay, mask):
+    """p -= update + decay * p where mask holds, in place: cautious weight decay (modded-nanogpt 2025-11-10,
+    "improves the final training 40 steps") decays a weight only where its update already pulls it towards
+    zero (the update and the weight agree in sign)."""
+    update.addcmul_(p, mask, value=decay)
+    p.sub_(update)
+
+
+class NorMuon(torch.optim.Optimizer):
+    """Muon (MomentUm Orthogonalized by Newton–Schulz, Jordan et al. 2024) with NorMuon's second moment and
+    cautious weight decay, for the hidden weight matrices, as r0126:699-758 steps them. For each matrix W
+    with gradient G (averaged across ranks by DDP; every rank computes every update: simple, and free on one
+    GPU), r, c its rows and columns, lr the group's scheduled LR:
+        buf = m * buf + (1 - m) * G;  U = (1 - m) * G + m * buf       Nesterov momentum, fp32 (r0126:705-706)
+        V = normuon_normalise(polar_express(U))                       (r0126:713-718)
+        lr_W = lr * lr_mul * max(1, r / c) ** 0.5                     same RMS update tall or wide (r0126:355)
+        W -= lr_W * V + lr * lr_W * weight_decay * W * [V * W >= 0]   (r0126:757-758)
+    so the decay per step is lr * lr_W * weight_decay: it follows the LR schedule twice, as the record's
+    (r0126:708-709: its lr_factor is lr_W and its wd_factor weight_decay * lr). A group with transposed=True
+    is treated as W^T, the record's layout for the MLP output projections ((in, out), r0126:1127-1134): its
+    shape multiplier and its second moment's rows are the record's. Same-shape matrices (as treated) are
+    stacked, so one batched Newton–Schulz call serves them all; a 3-D weight (MoE's experts, AFNO's blocks)
+    is a stack of matrices, each orthogonalised and normalised on its own."""
+
+    def __init__(self, params, lr=0.023, momentum=0.95, beta2=0.95, weight_decay=1.2, lr_mul=1.0,
+                 transposed=False, ns_steps=5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, beta2=beta2, weight_decay=weight_decay,
+                                      lr_mul=lr_mul, transposed=transposed, ns_steps=ns_steps))
 
     @torch.no_grad()
     def step(self):
+        stacks = {}  # the matrices of each shape (as treated): one batched Newton–Schulz call each
         for group in self.param_groups:
-            by_shape = {}
             for p in group["params"]:
                 if p.grad is not None:
-                    by_shape.setdefault(p.shape, []).append(p)
-            for shape, params in by_shape.items():
-                grads = [p.grad for p in params]
-                for p in params:
-                    if "momentum_buffer" not in self.state[p]:  # allocated once, not zero-filled every step
-                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                bufs = [self.state[p]["momentum_buffer"] for p in params]
-                torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])  # buf = m * buf + (1 - m) * grad
-                updates = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
-                ortho = zeropower_via_newtonschulz5(torch.stack(updates), group["ns_steps"])
-                scale = max(1.0, shape[-2] / shape[-1]) ** 0.5  # equal RMS update for tall and wide matrices
-                torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(ortho.unbind(0), params)],
-                                    alpha=-group["lr"] * scale)
+                    shape = tuple(as_treated(p, group).shape)
+                    key = (shape, group["momentum"], group["beta2"], group["ns_steps"])
+                    stacks.setdefault(key, []).append((p, group))
+        for (shape, momentum, beta2, ns_steps), members in stacks.items():
+            updates, moments = [], []
+            for p, group in members:
+                state = self.state[p]
+                if not state:  # allocated once, not zero-filled every step
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+                    wide = shape[-2] < shape[-1]  # one statistic per row (tall, square) or per column (wide)
+                    reduced = (*shape[:-2], 1, shape[-1]) if wide else (*shape[:-1], 1)
+                    state["second_moment"] = torch.zeros(reduced, dtype=torch.float32, device=p.device)
+                grad, buf = as_treated(p.grad, group).float(), as_treated(state["momentum_buffer"], group)
+                buf.lerp_(grad, 1 - momentum)
+                updates.append(grad.lerp(buf, momentum))
+                moments.append(state["second_moment"])
+            second_moment = torch.stack(moments)
+            V = normuon_normalise(zeropower_via_newtonschulz5(torch.stack(updates), ns_steps).float(),
+                                  second_moment, beta2)
+            shape_mult = max(1.0, shape[-2] / shape[-1]) ** 0.5
+            for (p, group), moment, new_moment, v in zip(members, moments, second_moment, V):
+                moment.copy_(new_moment)
+                lr = group["lr"] * group["lr_mul"] * shape_mult
+                v = as_treated(v, group)  # back to W's own layout (a transpose is its own inverse)
+                decay = group["lr"] * lr * group["weight_decay"]
+                cautious_update_(p, (v * lr).to(p.dtype), decay, v * p >= 0)
+
+
+def as_treated(t, group):
+    """A weight (or its gradient, its momentum) as NorMuon treats it: transposed for a transposed group."""
+    return t.mT if group["transposed"] else t
+
+
+class CautiousAdam(torch.optim.Optimizer):
+    """Adam (Kingma & Ba 2015) with bias correction and cautious weight decay, for the embeddings, the head,
+    the gates and the scalars, as r0126:655-691 steps them. For each parameter p with gradient g, lr the
+    group's scheduled LR, lr_p = lr * lr_mul (r0126:657), t the updates so far:
+        m = b1 * m + (1 - b1) * g;   v = b2 * v + (1 - b2) * g^2
+        u = lr_p * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)      (r0126:670-671, 687)
+        p -= u + lr_p^2 * weight_decay * wd_mul * p * [u * p > 0]         (r0126:672, 689-691)
+    so the decay per step is lr_p**2 * weight_decay * wd_mul.
+
+    Every other step (r0126:1655-1657: Adam steps on odd steps only), the optimizer is called with hold=True:
+    it then keeps the step's gradient in its state ("held_grad", saved in checkpoints, so a run resumed
+    between the two steps continues exactly) and changes nothing; the next step adds it to its own gradient.
+    The record does the same by not clearing the Adam gradients on even steps (r0126:647-650), so the second
+    backward pass adds into them: Adam steps on the sum of two steps' gradients, not their mean, at the LR of
+    the step it takes."""
+
+    def __init__(self, params, lr=0.008, betas=(0.9, 0.99), eps=1e-10, weight_decay=0.005, lr_mul=1.0,
+                 wd_mul=1.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lr_mul=lr_mul,
+                                      wd_mul=wd_mul))
+
+    @torch.no_grad()
+    def step(self, hold=False):
+        for group in self.param_groups:
+            (beta1, beta2), lr = group["betas"], group["lr"] * group["lr_mul"]
+            decay = lr * lr * group["weight_decay"] * group["wd_mul"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                held = state.pop("held_grad", None)
+                # the sum of every gradient since the last update
+                grad = p.grad.float() if held is None else held.add_(p.grad)
+                if hold:  # a copy: p.grad is zeroed after the step
+                    state["held_grad"] = grad.clone() if held is None else grad
+                    continue
+                if "step" not in state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p, dtype=torch.float32),
+                                 exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
+                state["step"] += 1
+                exp_avg, exp_avg_sq, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step_size = lr * (1 - beta2 ** t) ** 0.5 / (1 - beta1 ** t)
+                update = exp_avg.div(exp_avg_sq.sqrt().add_(group["eps"])).mul_(step_size).to(p.dtype)
+                cautious_update_(p, update, decay, update * p > 0)
 
 
 # ---- model ----
@@ -147,19 +260,19 @@ class IdeaFlags:
     each is a --name=value flag and a model setting. Here AFNO's (Guibas et al. 2021)."""
     attn_layers: str = "auto"  # AFNO: layers keeping attention ("0,1,2,3", all, none; auto: the first third)
     afno_blocks: int = 8  # AFNO: blocks of the block-diagonal channel mixing (a divisor of n_embd)
-    afno_kernel_len: int = 1408  # AFNO: causal kernel taps per block, zero beyond (the longest window)
+    afno_kernel_len: int = 1408  # AFNO: causal kernel taps per block, zero beyond (the last stage's window)
     afno_shrink: float = 0.0  # AFNO: soft-shrinkage lambda on the kernel taps (0: off)
 
     def check(self):
         """Stop with a one-line error naming the first bad flag, its value and what is allowed (the shared
         flags' limits are LIMITS, in the harness). Runs for the flags given and for a checkpoint's saved
         config."""
-        L, spec = self.n_layer, self.attn_layers
+        spec, attending = self.attn_layers, [i for i, a in enumerate(Layout.of(self.n_layer, 0).attends) if a]
         layers = spec.split(",") if spec not in ("auto", "all", "none") else []
-        numbers = all(re.fullmatch(r"[0-9]+", i) and int(i) < L for i in layers)
+        numbers = all(re.fullmatch(r"[0-9]+", i) and int(i) in attending for i in layers)
         for flag, ok, expected in (
-                ("attn_layers", numbers and len(set(layers)) == len(layers),
-                 f"auto, all, none or distinct layer numbers in 0..{L - 1}, comma-separated"),
+                ("attn_layers", numbers and len(set(layers)) == len(layers), "auto, all, none or distinct "
+                 f"layers among {','.join(map(str, attending))} (those with attention), comma-separated"),
                 ("afno_blocks", self.afno_blocks >= 1 and self.n_embd % self.afno_blocks == 0,
                  f"a divisor of --n_embd={self.n_embd}"),
                 ("afno_kernel_len", self.afno_kernel_len >= 1, "an integer >= 1"),
@@ -168,6 +281,8 @@ class IdeaFlags:
                 raise SystemExit(f"error: --{flag}={getattr(self, flag)}: expected {expected}")
 
     def attention_layers(self):
+        """The layers that keep attention; the layout's other attention layers become AFNO mixers (a layer
+        without attention in the layout, the record's layer 6, stays without: there is nothing to replace)."""
         spec, L = self.attn_layers, self.n_layer
         if spec in ("auto", "all", "none"):
             return set(range({"auto": -(-L // 3), "all": L, "none": 0}[spec]))
@@ -178,12 +293,13 @@ class IdeaFlags:
 class GPTConfig(IdeaFlags):
     vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128 for fast matmuls (nanoGPT)
     seq_len: int = 16384  # the longest stream it trains on (sample.py's context); sdpa: the causal row length
-    n_layer: int = 12
+    n_layer: int = 11  # the record's 11 layers (2025-12-14): 10 attend (not the 7th), all have an MLP
     n_head: int = 6  # head_dim 128 (modded-nanogpt 2024-10-14)
     n_embd: int = 768
-    logit_softcap: float = 15.0  # logits = cap * tanh(logits / cap) (Gemma 2; 30 -> 15 in the 2025-01-04 run)
-    value_embeds: int = 3  # value-embedding tables for the first and the last this many layers (2024-12-04)
+    value_embeds: int = 5  # gated value-embedding tables, first 2 and last 3 attention layers (2026-01-26)
+    bigram_vocab: int = 251520  # rows of the bigram hash embedding, 5 x 50304 (2026-01-19; 0: none)
     window_blocks: tuple = (3, 7, 11)  # long attention window per stage of training, in blocks (2025-11-29)
+    final_window_blocks: tuple = (20, 6)  # (long, short) windows of the final validation (2025-09-21 record)
     attention: str = "flex"  # flex: document-masked windowed attention over packed streams; sdpa: causal rows
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
 
@@ -197,9 +313,44 @@ class GPTConfig(IdeaFlags):
         and a --seq_len row on SDPA."""
         settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name in vars(args)}
         streams = args.attention == "flex" and args.device_batch_tokens != "auto"
+        blocks = lambda text: tuple(int(w) for w in text.split(","))  # noqa: E731
         settings.update(seq_len=args.device_batch_tokens if streams else args.seq_len,
-                        window_blocks=tuple(int(w) for w in args.window_blocks.split(",")))
+                        window_blocks=blocks(args.window_blocks),
+                        final_window_blocks=blocks(args.final_window_blocks))
         return cls(**settings)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What each layer has, placed as in the record's 11-layer model and counted from the top, so a deeper or
+    shallower model keeps the top's pattern: no attention in layer L-5 (2024-12-17, "drop an attn layer"),
+    long windows with the partial key offset in L-8 and L-1 (2025-12-14), XSA in L-10, L-8, L-7, L-4
+    (2026-04-29), the one skip L-8 -> L-5 (2025-11-18) and the backout of layer L-4 (2025-10-04), those three
+    from 8 layers up; value embeddings in the first and the last attention layers (2026-01-26)."""
+    attends: tuple  # per layer: has attention
+    long: tuple  # per layer: long window (and the key offset)
+    xsa: tuple  # per layer: exclusive self-attention
+    ve: tuple  # per layer: its value-embedding table, or None
+    skip: tuple | None  # (from, to): layer `to` adds the gated output of layer `from`
+    backout: int | None  # the layer whose output is subtracted before the head
+
+    @classmethod
+    def of(cls, n_layer, value_embeds):
+        L, deep = n_layer, n_layer >= 8
+        top = lambda *depths: {L - d for d in depths if d <= L}  # noqa: E731
+        attends = tuple(not (deep and i == L - 5) for i in range(L))
+        layers = [i for i in range(L) if attends[i]]
+        n = min(value_embeds, len(layers))
+        with_ve = layers[:n // 2] + layers[len(layers) - (n - n // 2):]
+        return cls(attends=attends, long=tuple(i in top(8, 1) for i in range(L)),
+                   xsa=tuple(i in top(10, 8, 7, 4) and attends[i] for i in range(L)),
+                   ve=tuple(with_ve.index(i) if i in with_ve else None for i in range(L)),
+                   skip=(L - 8, L - 5) if deep else None, backout=L - 4 if deep else None)
+
+
+def max_value_embeds(n_layer):
+    """The most value-embedding tables a model of n_layer layers can use: one per attention layer."""
+    return sum(Layout.of(n_layer, 0).attends)
 
 
 def norm(x):
@@ -207,24 +358,31 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
-class Rotary(nn.Module):
-    """Rotary position embedding (Su et al. 2021, RoFormer), half-truncated (modded-nanogpt 2024-12-17): half
-    of the channel pairs turn at frequencies from 1 down to 1/1024 per token, the other half not at all, so
-    part of each head matches on content alone, at any distance."""
+def rotary_frequencies(head_dim):
+    """Half-truncated rotary (modded-nanogpt 2024-12-17): half of the channel pairs turn at frequencies from
+    1 down to 1/1024 per token, the other half not at all, so part of each head matches on content alone."""
+    turning = (1 / 1024) ** torch.linspace(0, 1, head_dim // 4)
+    return torch.cat((turning, turning.new_zeros(head_dim // 2 - head_dim // 4)))
 
-    def __init__(self, head_dim):
-        super().__init__()
-        inv_freq = (1 / 1024) ** torch.linspace(0, 1, head_dim // 4)
-        still = inv_freq.new_zeros(head_dim // 2 - head_dim // 4)
-        self.register_buffer("inv_freq", torch.cat((inv_freq, still)), persistent=False)
 
-    def forward(self, x, pos=0):  # x: (B, T, heads, head_dim); pos: position of x's first token
-        # angles computed per call (cheap, fused by compile): no table to size for the longest stream
-        positions = torch.arange(pos, pos + x.size(1), device=x.device, dtype=torch.float32)
-        angles = torch.outer(positions, self.inv_freq)
-        cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
+def yarn(freqs, old_window, new_window, alpha=1, beta=32):
+    """YaRN (Peng et al. 2023) at a window change (2025-09-10 record): a frequency that turns fewer than alpha
+    times over the old window is slowed by old/new, one turning more than beta times is kept, in between a
+    blend; the attention scale grows by 1 + 0.2 ln(new/old). Returns (frequencies, scale factor)."""
+    turns = old_window * freqs / (2 * math.pi)
+    keep = torch.clamp((turns - alpha) / (beta - alpha), 0, 1)
+    ratio = old_window / new_window
+    return freqs * (ratio + keep * (1 - ratio)), 0.2 * math.log(new_window / old_window) + 1
+
+
+def rotate(x, freqs, pos=0):
+    """Rotary position embedding (Su et al. 2021, RoFormer) of x (B, T, heads, head_dim) whose first token is
+    at position pos; channel j turns with channel j + head_dim/2 at freqs[j]."""
+    positions = torch.arange(pos, pos + x.size(1), device=x.device, dtype=torch.float32)
+    angles = torch.outer(positions, freqs)  # per call (cheap, fused by compile): no table to size
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
 
 
 def document_mask(docs, window, past=0, build=create_block_mask):
@@ -250,41 +408,89 @@ def attend(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
 
+def look_back(x, has_prev, last=None):
+    """x (B, T, ...) shifted one token later: each position gets its predecessor's value, zero where it has
+    none (a document's first token, the stream's start); last: the value before x[:, 0] (decoding)."""
+    before = torch.zeros_like(x[:, :1]) if last is None else last
+    prev = torch.cat((before, x[:, :-1]), dim=1)
+    return prev * has_prev.view(*has_prev.shape, *[1] * (x.dim() - 2)).type_as(x)
+
+
+def uniform_(weight, std):
+    """The record's init (2025-01-16, "improved init"): uniform with this standard deviation."""
+    bound = 3 ** 0.5 * std
+    return nn.init.uniform_(weight, -bound, bound)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    GATE_INPUTS = 12  # the gates read the first 12 channels of the block's input (2025-08-23 record)
+
+    def __init__(self, config, long, xsa, ve):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
         self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
-        # separate q, k, v matrices so Muon orthogonalises each on its own
-        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.c_k = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.key_offset, self.xsa, self.ve = long, xsa, ve
+        # separate q, k, v matrices so Muon orthogonalises each on its own; uniform, std n_embd^-0.5 (record)
+        self.c_q, self.c_k, self.c_v = (nn.Linear(config.n_embd, config.n_embd, bias=False) for _ in range(3))
+        for lin in (self.c_q, self.c_k, self.c_v):
+            uniform_(lin.weight, config.n_embd ** -0.5)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         nn.init.zeros_(self.c_proj.weight)  # zero-init output projection: each block starts as identity
-        self.rotary = Rotary(self.head_dim)
-        # v = l0 * v + l1 * value embedding (2024-12-04 record, learned scalars as in 2024-12-08)
-        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))
+        # y_h *= sigmoid(W_h x[:12]): a head can switch itself off per token (sparse attention gate,
+        # 2025-08-23)
+        self.attn_gate = nn.Linear(self.GATE_INPUTS, self.n_head, bias=False)
+        nn.init.zeros_(self.attn_gate.weight)
+        if ve:  # v += 2 sigmoid(W_h x[:12]) ve per head (value-embedding gates, 2025-12-29): 1 at init
+            self.ve_gate = nn.Linear(self.GATE_INPUTS, self.n_head, bias=False)
+            nn.init.zeros_(self.ve_gate.weight)
+        if xsa:  # y -= tanh(a_h) (y.v / |v|^2) v: exclusive self-attention (arXiv:2603.09078; 2026-04-29)
+            self.xsa_alpha = nn.Parameter(torch.zeros(self.n_head))
+        # v scaled by l0 and the output by l1 (the record's lambdas on the qkv and o weights, 2025-12-26)
+        self.lambdas = nn.Parameter(torch.tensor([0.5, 1.0]))
 
-    def forward(self, x, ve, mask, cache=None):  # cache: this layer's past keys/values (decoding)
+    def forward(self, x, ve, mask, freqs, scale, has_prev, cache=None):  # cache: this layer's past (decoding)
         B, T, C = x.shape
         q, k, v = (lin(x).view(B, T, self.n_head, self.head_dim) for lin in (self.c_q, self.c_k, self.c_v))
-        v = self.lambdas[0] * v + (self.lambdas[1] * ve.view_as(v) if ve is not None else 0)
+        v = self.lambdas[0] * v
+        if ve is not None:
+            v = v + 2 * torch.sigmoid(self.ve_gate(x[..., :self.GATE_INPUTS]))[..., None] * ve.view_as(v)
         q, k = norm(q), norm(k)  # QK-norm (Dehghani et al. 2023): bounded attention logits at high LR
-        pos = cache["k"].size(2) if cache else 0
-        q, k = self.rotary(q, pos), self.rotary(k, pos)
+        pos = cache["k"].size(2) if cache and "k" in cache else 0
+        # the attention scale (0.1 at head_dim 128, YaRN-grown) as a factor on q: attend() divides by sqrt(d)
+        q, k = rotate(q, freqs, pos) * (scale * self.head_dim ** 0.5).type_as(q), rotate(k, freqs, pos)
+        if self.key_offset:  # a key's still channels come from the token before it: 1-layer induction
+            k = self.offset_keys(k, has_prev, cache)  # (2025-12-14 record), never across documents
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
         if cache is not None:  # decoding: new queries see the cached keys too (mask covers them)
-            if cache:
+            if "k" in cache:
                 k, v = torch.cat((cache["k"], k), dim=2), torch.cat((cache["v"], v), dim=2)
             cache["k"], cache["v"] = k, v
-        y = attend(q, k, v, mask)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        y = attend(q, k, v, mask)[:, :, -T:].transpose(1, 2)  # (B, T, heads, head_dim)
+        if self.xsa:
+            v_own = v[:, :, -T:].transpose(1, 2)
+            along = (y * v_own).sum(-1, keepdim=True) / v_own.square().sum(-1, keepdim=True).clamp_min(1e-8)
+            y = y - torch.tanh(self.xsa_alpha).type_as(y)[:, None] * along * v_own
+        y = y * torch.sigmoid(self.attn_gate(x[..., :self.GATE_INPUTS]))[..., None]
+        return self.lambdas[1] * self.c_proj(y.reshape(B, T, C))
+
+    def offset_keys(self, k, has_prev, cache):
+        """k with its still channels (the second quarter of each half) taken from the previous token's key,
+        where there is one in the same document; the cache keeps the last unshifted key for the next call."""
+        d = self.head_dim // 2
+        still = torch.cat((k[..., d // 2:d], k[..., d + d // 2:]), dim=-1)
+        prev = look_back(still, has_prev, cache.get("still") if cache is not None else None)
+        prev = torch.where(has_prev[..., None, None], prev, still)  # no predecessor: its own channels
+        if cache is not None:
+            cache["still"] = still[:, -1:]
+        half = d // 2
+        return torch.cat((k[..., :half], prev[..., :half], k[..., d:d + half], prev[..., half:]), dim=-1)
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        uniform_(self.c_fc.weight, 0.5 * config.n_embd ** -0.5)  # half the attention's std (record)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
         nn.init.zeros_(self.c_proj.weight)  # zero-init output projection (modded-nanogpt)
 
@@ -304,7 +510,8 @@ def causal_fft_conv(u, kernel):
     padding zero (index >= T + 1), never a later token. Length T (period T) would read u[t - tau + T], a
     future token: the original AFNO leak. In fp32 with autocast off: bf16 FFTs lose about 3 digits."""
     B, T, C = u.shape
-    with torch.autocast(u.device.type, enabled=False):
+    device = "cpu" if u.is_meta else u.device.type  # meta (bench.py's FLOP count) has no autocast
+    with torch.autocast(device, enabled=False):
         spectrum = torch.fft.rfft(kernel[:, :T].float(), n=2 * T)  # (n, T + 1), once per forward
         u_hat = torch.fft.rfft(u.float(), n=2 * T, dim=1)  # (B, T + 1, C)
         product = u_hat.unflatten(-1, (kernel.size(0), -1)) * spectrum.T[:, :, None]
@@ -325,15 +532,15 @@ class AFNOMixer(nn.Module):
     MLP and soft-shrinkage on the modes, inverse FFT), made causal. AFNO weights and thresholds every
     frequency of the whole sequence, so each output sees the future. Here the mixing is a causal convolution,
     by a zero-padded FFT (causal_fft_conv), and all that is nonlinear stays in the time domain, per position:
-        u = W_in x [+ value embedding];  z = k_b * u per block b;  out = W_out relu(W_h norm(z))^2
+        u = l0 W_in x [+ gated value embedding];  z = k_b * u per block b;  out = l1 W_out relu(W_h norm(z))^2
     with block-diagonal W_in, W_h, W_out (n blocks of d x d: AFNO's channel mixing; W_out zero-initialised:
     each block starts as the identity). ReLU^2 as the baseline's MLP; norm as everywhere (long kernels sum).
 
     Kernel: one per block (the d channels of a block share it, as an attention head shares its weights),
     afno_kernel_len taps, zero beyond: k_b[tau] = shrink(w_b[tau]) * exp(-tau / l_b). The fixed envelope's
     lengths l_b run geometrically from 4 tokens to the kernel length over the blocks (short and long memories,
-    as ALiBi's slopes or Hyena's decay windows); the learned w starts at 1 and AdamW (a 1-D parameter: the
-    scalar group) moves it relative to the envelope. Not Muon: a bank of kernels is no linear map between
+    as ALiBi's slopes or Hyena's decay windows); the learned w starts at 1 and Adam (a 1-D parameter: the
+    scalars' group) moves it relative to the envelope. Not Muon: a bank of kernels is no linear map between
     feature spaces, and orthogonalising it would force the blocks' kernels to be orthonormal. shrink is
     soft-shrinkage by afno_shrink (AFNO's sparsity, eq. 6, moved from the data's modes to the kernel's taps,
     which keeps the kernel causal). 124M: 8 x 1408 = 11,264 taps and 3 x 8 x 96 x 96 = 221,184 weights per
@@ -341,12 +548,13 @@ class AFNOMixer(nn.Module):
 
     Documents: the convolution runs over the whole packed stream, so it sees across document boundaries (as a
     causal LM over packed text, and the baseline's --attention=sdpa rows, do); attention layers keep their
-    document masks. Exact isolation would need an FFT per document (one FFT's rounding mixes every position
-    into every output) or a direct O(T x K) sum; the long-range FFT is this idea. So AFNO layers, and the val
-    loss, use context from earlier documents that the baseline's attention does not. Value embeddings: added
-    to u, as attention adds them to its values. Decoding caches u and sums the kernel directly."""
+    document masks, and smear, the bigram hash and the key offset still never look back across one. Exact
+    isolation would need an FFT per document (one FFT's rounding mixes every position into every output) or a
+    direct O(T x K) sum; the long-range FFT is this idea. So AFNO layers, and the val loss, use context from
+    earlier documents that the baseline's attention does not. Decoding caches u and sums the kernel directly.
+    """
 
-    def __init__(self, config):
+    def __init__(self, config, ve):
         super().__init__()
         n, d, K = config.afno_blocks, config.n_embd // config.afno_blocks, config.afno_kernel_len
         self.shrink = config.afno_shrink
@@ -356,11 +564,22 @@ class AFNOMixer(nn.Module):
         self.kernel = nn.Parameter(torch.ones(n * K))  # flat: see above
         lengths = 4 * (K / 4) ** torch.linspace(0, 1, n)[:, None] if n > 1 else torch.full((1, 1), float(K))
         self.register_buffer("envelope", torch.exp(-torch.arange(K) / lengths), persistent=False)
-        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # u = l0 * W_in x + l1 * value embedding
+        # v3's attention pieces, in a mixer layer (124M: 4, 5, 7-10), one by one, and why:
+        # no attention scale, rotary or YaRN: no query meets a key, the kernel's taps are the positions
+        # no windows: a fixed kernel length, also at the final validation (its wider windows are attention's)
+        # no key offset (layer 10): the kernel's tap 1 already reads the token before, in every channel
+        # no XSA (layers 4, 7): its tap 0, the token's own u, is learned as such, so nothing to subtract
+        # no sparse attention gate: AFNO's own ReLU^2 block MLP, per position, already decides each output
+        if ve:  # layers 8-10 keep their tables: u += 2 sigmoid(W x[:12]) ve per block, as v per head
+            self.ve_gate = nn.Linear(CausalSelfAttention.GATE_INPUTS, n, bias=False)
+            nn.init.zeros_(self.ve_gate.weight)
+        self.lambdas = nn.Parameter(torch.tensor([0.5, 1.0]))  # u x l0, out x l1: attention's v, output
 
-    def forward(self, x, ve, mask, cache=None):  # mask: unused (see Documents); cache: past u
-        u = block_linear(x, self.w_in)
-        u = self.lambdas[0] * u + (self.lambdas[1] * ve if ve is not None else 0)
+    def forward(self, x, ve, cache=None):  # cache: this layer's past u (decoding)
+        u = self.lambdas[0] * block_linear(x, self.w_in)
+        if ve is not None:
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))
+            u = u + (gate[..., None] * ve.unflatten(-1, (gate.size(-1), -1))).flatten(-2)
         w = self.kernel.view_as(self.envelope)
         kernel = (F.softshrink(w, self.shrink) if self.shrink else w) * self.envelope
         if cache is None:
@@ -369,24 +588,54 @@ class AFNOMixer(nn.Module):
             past = cache["u"].size(1) if cache else 0
             cache["u"] = u = torch.cat((cache["u"], u), dim=1) if cache else u
             z = causal_direct_conv(u, kernel, past)
-        return block_linear(F.relu(block_linear(norm(z), self.w_hidden)).square(), self.w_out)
+        hidden = F.relu(block_linear(norm(z), self.w_hidden)).square()
+        return self.lambdas[1] * block_linear(hidden, self.w_out)
 
 
 class Block(nn.Module):
-    def __init__(self, config, layer):
+    def __init__(self, config, layout, layer):
         super().__init__()
-        self.attention = layer in config.attention_layers()  # else an AFNO mixer in its place
-        self.mixer = CausalSelfAttention(config) if self.attention else AFNOMixer(config)
+        self.long_window = layout.long[layer]
+        has_ve = layout.ve[layer] is not None
+        attends = layout.attends[layer] and layer in config.attention_layers()
+        self.attn = (CausalSelfAttention(config, layout.long[layer], layout.xsa[layer], has_ve)
+                     if attends else None)
+        # AFNO: the layout's other attention layers mix by an AFNO mixer (a layer without attention: neither)
+        self.afno = AFNOMixer(config, has_ve) if layout.attends[layer] and not attends else None
         self.mlp = MLP(config)
-        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # x = l0 * x + l1 * x0 (2024-11-06 record)
-        # long and short windows alternate, long at both ends of each U-net half (2025-01-26 record's layout)
-        self.long_window = min(layer, config.n_layer - 1 - layer) % 4 == 0
+        # x = resid * x + x0_lambda * x0 + bigram_lambda * bigram before each block (2025-11-18: 1.1;
+        # 2026-01-19: 0.1)
+        self.resid_lambda = nn.Parameter(torch.tensor(1.1))
+        self.x0_lambda = nn.Parameter(torch.tensor(0.0))
+        self.bigram_lambda = nn.Parameter(torch.tensor(0.1))
 
-    def forward(self, x, x0, ve, mask, cache=None):  # pre-norm residual block (GPT-2), x0: the embedding
+    def forward(self, x, x0, bigram, ve, mask, freqs, scale, has_prev, cache=None):  # pre-norm residual block
         # mask: this block's own (long or short window): a compiled block need not know which it is
-        x = self.lambdas[0] * x + self.lambdas[1] * x0
-        x = x + self.mixer(norm(x), ve, mask, cache)
+        x = self.resid_lambda * x + self.x0_lambda * x0
+        if bigram is not None:
+            x = x + self.bigram_lambda * bigram
+        if self.attn is not None:
+            x = x + self.attn(norm(x), ve, mask, freqs, scale, has_prev, cache)
+        if self.afno is not None:  # no mask (across documents), windows, frequencies, scale or has_prev
+            x = x + self.afno(norm(x), ve, cache)
         return x + self.mlp(norm(x))
+
+
+def bigram_hash(idx, has_prev, rows, last=None):
+    """Each token's row in the bigram table: a hash of (previous token, token) (2026-01-19 record: 36313 and
+    27191, XOR, mod rows - 1); the last row for a token with no predecessor in its document (the record lets
+    a document's first token hash the previous document's last: ours sees nothing across documents)."""
+    prev = look_back(idx, has_prev, last)
+    hashed = torch.bitwise_xor(36313 * idx, 27191 * prev) % (rows - 1)
+    return torch.where(has_prev, hashed, rows - 1)
+
+
+def logit_transform(z):
+    """23 sigmoid((z + 5) / 7.5) (2025-12-26 record, -40 steps) less its constant: 11.5 tanh((z + 5) / 15)."""
+    return LOGIT_CAP * torch.tanh((z + LOGIT_OFFSET) / LOGIT_WIDTH)
+
+
+LOGIT_CAP, LOGIT_OFFSET, LOGIT_WIDTH = 11.5, 5.0, 15.0
 
 
 class GPT(nn.Module):
@@ -399,54 +648,79 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        L = config.n_layer
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        # value embeddings: layer i < n and layer L - n + i add table i to their values (2024-12-04,
-        # 2025-01-04)
-        n = min(config.value_embeds, L // 2)
-        self.value_embeds = nn.ModuleList([nn.Embedding(config.vocab_size, config.n_embd) for _ in range(n)])
-        self.ve_table = [i if i < n else i - (L - n) if i >= L - n else None for i in range(L)]
-        self.blocks = nn.ModuleList([Block(config, i) for i in range(L)])
-        # U-net (2024-11-10 record): layer L - 1 - i adds layer i's output, weighted, for i < L // 2
-        self.skip_weights = nn.Parameter(torch.ones(L // 2))
-        # untied from wte: input and output embeddings want different geometry and LRs (modded-nanogpt)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        nn.init.zeros_(self.lm_head.weight)  # zero-init head: the first loss is exactly ln(vocab_size)
-        # the long and short attention windows in tokens, set in place by schedule() so compiled graphs never
-        # change, from a table of every stage's on the same device (a copy from the CPU would wait for the GPU
-        # every step)
-        stages = range(len(config.window_blocks))
-        table = torch.stack([self.stage_windows(s) for s in stages])
-        self.register_buffer("window_table", table, persistent=False)
-        self.register_buffer("windows", self.windows_at(0.0), persistent=False)
-        # evaluation's and decoding's: a buffer too, since a tensor made inside a compiled forward breaks
-        # Inductor's FlexAttention mask code on CUDA (torch 2.11: "XBLOCK is not defined", found by the GPU
-        # check)
-        self.register_buffer("final_windows", self.windows_at(1.0), persistent=False)
+        self.layout = layout = Layout.of(config.n_layer, config.value_embeds)
+        C = config.n_embd
+        # head N(0, 0.005) and the embedding a copy of it, untied (2025-12-19 / 2025-12-22 records' init)
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        nn.init.normal_(self.lm_head.weight, std=0.005)
+        self.wte = nn.Embedding(config.vocab_size, C)
+        with torch.no_grad():
+            self.wte.weight.copy_(self.lm_head.weight)
+        # smear (2025-09-18): x_t += lambda sigmoid(W x_t[:12]) x_{t-1} on the embedding; lambda 0 and W 0
+        self.smear_gate = nn.Linear(CausalSelfAttention.GATE_INPUTS, 1, bias=False)
+        nn.init.zeros_(self.smear_gate.weight)
+        self.smear_lambda = nn.Parameter(torch.tensor(0.0))
+        self.value_embeds = nn.ModuleList([nn.Embedding(config.vocab_size, C)
+                                           for _ in range(sum(t is not None for t in layout.ve))])
+        for table in self.value_embeds:
+            nn.init.zeros_(table.weight)  # zero at init, as the 2026-01-26 record
+        if config.bigram_vocab:  # zero at init: learns what a token pair adds (2026-01-19)
+            self.bigram_embed = nn.Embedding(config.bigram_vocab, C)
+            nn.init.zeros_(self.bigram_embed.weight)
+        self.blocks = nn.ModuleList([Block(config, layout, i) for i in range(config.n_layer)])
+        if layout.skip:  # x += sigmoid(skip_lambda) 2 sigmoid(W x0[:12]) h_from (2025-11-18, gate 2025-12-29)
+            self.skip_gate = nn.Linear(CausalSelfAttention.GATE_INPUTS, 1, bias=False)
+            nn.init.zeros_(self.skip_gate.weight)
+            self.skip_lambda = nn.Parameter(torch.tensor(-1.5))
+        # AFNO: skip 3 -> 6 and the backout of layer 7 keep their layers (7 mixes by AFNO: still its output)
+        if layout.backout is not None:  # x -= backout_lambda h_backout before the head (2025-10-04)
+            self.backout_lambda = nn.Parameter(torch.tensor(0.5))
+        # every stage's windows (tokens), rotary frequencies and attention scale, and the final validation's
+        # (the last row), tables on the model's device: schedule() copies a row in place, so compiled graphs
+        # never change and no copy from the CPU waits for the GPU. A fresh model is in its final state.
+        windows, freqs, scales = self.stage_tables()
+        self.register_buffer("window_table", windows, persistent=False)
+        self.register_buffer("freq_table", freqs, persistent=False)
+        self.register_buffer("scale_table", scales, persistent=False)
+        self.register_buffer("windows", windows[-1].clone())
+        self.register_buffer("freqs", freqs[-1].clone())
+        self.register_buffer("attn_scale", scales[-1].clone())
         self.build_block_mask = create_block_mask  # compile_regions() compiles it
 
-    def window_stage(self, progress):
-        return min(int(progress * len(self.config.window_blocks)), len(self.config.window_blocks) - 1)
-
-    def stage_windows(self, stage):
-        """(long, short) windows in tokens in this stage of training: its long window, and half that (at least
-        one)."""
-        long = self.config.window_blocks[stage]
-        return torch.tensor([long * BLOCK, max(1, long // 2) * BLOCK])
-
-    def windows_at(self, progress):
-        return self.stage_windows(self.window_stage(progress))
+    def stage_tables(self):
+        """(windows (S + 1, 2), frequencies (S + 1, head_dim / 2), scales (S + 1)) of each of the S stages and
+        the final validation: long windows by window_blocks, short half as long (at least one block); YaRN at
+        each change of the long window; the final validation at final_window_blocks with the last stage's
+        frequencies and scale (the record widens its windows there without YaRN)."""
+        config = self.config
+        head_dim = config.n_embd // config.n_head
+        freqs, scale = rotary_frequencies(head_dim), 0.1 * (128 / head_dim) ** 0.5  # 0.1 at head_dim 128
+        rows, old = [], config.window_blocks[0]
+        for long in config.window_blocks:
+            if long != old:
+                freqs, grow = yarn(freqs, old * BLOCK, long * BLOCK)
+                scale, old = scale * grow, long
+            rows.append(([long * BLOCK, max(1, long // 2) * BLOCK], freqs, scale))
+        final = config.final_window_blocks
+        rows.append(([final[0] * BLOCK, final[1] * BLOCK], freqs, scale))
+        return (torch.tensor([r[0] for r in rows]), torch.stack([r[1] for r in rows]),
+                torch.tensor([r[2] for r in rows]))
 
     def schedule(self, progress):
-        """Called by the training loop before every optimizer step with the run's progress in [0, 1]."""
-        self.windows.copy_(self.window_table[self.window_stage(progress)])
+        """Called by the training loop before every optimizer step with the run's progress in [0, 1): that
+        stage's windows, frequencies and scale; 1 (the final validation): the final ones."""
+        stages = len(self.config.window_blocks)
+        row = stages if progress >= 1 else min(int(progress * stages), stages - 1)
+        self.windows.copy_(self.window_table[row])
+        self.freqs.copy_(self.freq_table[row])
+        self.attn_scale.copy_(self.scale_table[row])
 
     def compile_regions(self, **options):
         """Regional compilation (PyTorch's recipe): each block is compiled on its own and blocks of one kind
-        share the compiled code (value embeddings or not; training or evaluation), so compiling costs a few
-        blocks, not a graph of every block unrolled. The head's loss and the block masks are compiled too; the
-        embedding lookups and the U-net skips between the blocks run eagerly (a few elementwise ops).
-        fullgraph: a graph break is an error."""
+        share the compiled code (training or evaluation), so compiling costs a few blocks, not a graph of
+        every block unrolled. The head's loss and the block masks are compiled too; the embeddings, smear,
+        skip and backout between the blocks run eagerly (a few elementwise ops). fullgraph: a graph break is
+        an error."""
         for block in [m for m in self.modules() if isinstance(m, Block)]:
             block.compile(fullgraph=True, **options)
         self.__dict__.pop("head_loss", None)  # an earlier call's compiled version (the micro-batch probe's)
@@ -455,47 +729,68 @@ class GPT(nn.Module):
 
     def masks(self, idx, past_docs=None):
         """({long window?: mask}, document numbers) for idx (B, T), whose documents begin at each EOT
-        (past_docs: those of the tokens before it, when decoding). Training uses the scheduled windows;
-        evaluation and decoding the last stage's, the longest."""
+        (past_docs: those of the tokens before it, when decoding), at the windows schedule() set."""
         if self.config.attention == "sdpa":
             return {True: None, False: None}, None
         past = 0 if past_docs is None else past_docs.size(1)
         docs = (idx == EOT).cumsum(1)
         if past:  # decoding: new tokens continue the cached tokens' last document
             docs = torch.cat((past_docs, past_docs[:, -1:] + docs), dim=1)
-        windows = self.windows if self.training else self.final_windows
-        used = {block.long_window for block in self.blocks}
-        masks = {long: document_mask(docs, windows[0 if long else 1], past, self.build_block_mask)
+        used = {block.long_window for block in self.blocks if block.attn is not None}
+        masks = {long: document_mask(docs, self.windows[0 if long else 1], past, self.build_block_mask)
                  for long in used}
         return masks, docs
 
-    def hidden(self, idx, masks, caches=None):
-        x0 = norm(self.wte(idx))
+    def has_prev(self, idx, last=None):
+        """(B, T): the token has a predecessor in its document (not an EOT, not the stream's first unless
+        decoding continues after `last`)."""
+        first = torch.zeros_like(idx[:, :1], dtype=torch.bool) if last is None else torch.ones_like(
+            idx[:, :1], dtype=torch.bool)
+        return (idx != EOT) & torch.cat((first, torch.ones_like(idx[:, 1:], dtype=torch.bool)), dim=1)
+
+    def embed(self, idx, has_prev, last=None):
+        """(x0, bigram): the normed, smeared token embedding and the bigram embedding (or None)."""
+        x = self.wte(idx)
+        prev = look_back(x, has_prev, self.wte(last) if last is not None else None)
+        gate = torch.sigmoid(self.smear_gate(x[..., :self.smear_gate.in_features]))
+        x = x + self.smear_lambda * gate * prev
+        if not self.config.bigram_vocab:
+            return norm(x), None
+        return norm(x), self.bigram_embed(bigram_hash(idx, has_prev, self.config.bigram_vocab, last))
+
+    def hidden(self, idx, masks, caches=None, last=None):
+        layout, has_prev = self.layout, self.has_prev(idx, last)
+        x0, bigram = self.embed(idx, has_prev, last)
         x = x0.clone()  # a tensor of its own: one tensor as both x and x0 would compile a third kind of block
         tables = [table(idx) for table in self.value_embeds]
-        skips, n_skip, L = [], len(self.skip_weights), len(self.blocks)
+        skipped = backout = None
         for i, block in enumerate(self.blocks):
-            if i >= L - n_skip:
-                x = x + self.skip_weights[L - 1 - i] * skips.pop()
-            ve = tables[self.ve_table[i]] if self.ve_table[i] is not None else None
-            mask = masks[block.long_window]
+            if layout.skip and i == layout.skip[1]:
+                gate = 2 * torch.sigmoid(self.skip_gate(x0[..., :self.skip_gate.in_features]))
+                x = x + torch.sigmoid(self.skip_lambda) * gate * skipped
+            ve = tables[layout.ve[i]] if layout.ve[i] is not None else None
+            inputs = (x, x0, bigram, ve, masks.get(block.long_window), self.freqs, self.attn_scale, has_prev)
             if caches is not None:
-                x = block(x, x0, ve, mask, caches[i])
+                x = block(*inputs, caches[i])
             elif self.config.activation_checkpointing and self.training:
-                x = checkpoint(block, x, x0, ve, mask, use_reentrant=False)
+                x = checkpoint(block, *inputs, use_reentrant=False)
             else:
-                x = block(x, x0, ve, mask)
-            if i < n_skip:
-                skips.append(x)
+                x = block(*inputs)
+            if layout.skip and i == layout.skip[0]:
+                skipped = x
+            if i == layout.backout:
+                backout = x
+        if backout is not None:
+            x = x - self.backout_lambda * backout
         return norm(x)
 
     def logits(self, x):
-        cap = self.config.logit_softcap
-        return cap * torch.tanh(self.lm_head(x).float() / cap)
+        return logit_transform(self.lm_head(x).float())
 
     def head_loss(self, x, targets):
         """The mean next-token loss of the final states x (B, T, C) against targets (B, T; -1: none)."""
-        return linear_softcap_cross_entropy(x, self.lm_head.weight, targets, self.config.logit_softcap)
+        return linear_logit_cross_entropy(x, self.lm_head.weight, targets, LOGIT_CAP, LOGIT_OFFSET,
+                                          LOGIT_WIDTH)
 
     def forward(self, idx, targets=None):
         """idx (B, T) token streams -> logits (B, T, vocab); with targets (B, T) the mean loss instead."""
@@ -510,17 +805,19 @@ class GPT(nn.Module):
     @torch.no_grad()
     def forward_cached(self, idx, cache=None):
         """Decode with a KV cache: idx (B, T) continues the tokens held in cache (None starts one), with the
-        same document masking and the last stage's windows. Returns (logits of the new tokens, cache);
-        positions must stay below config.seq_len."""
-        cache = cache or dict(docs=None, seen=0, layers=[{} for _ in self.blocks])
-        cache["seen"] += idx.size(1)  # AFNO: layers cache u, not keys, so the count is kept here
+        same document masking and the windows schedule() set (a fresh or loaded model: the final ones).
+        Returns (logits of the new tokens, cache); positions must stay below config.seq_len."""
+        cache = cache or dict(docs=None, last=None, seen=0, layers=[{} for _ in self.blocks])
         if self.config.attention == "sdpa":
-            S = cache["seen"]
-            causal = torch.ones(idx.size(1), S, dtype=torch.bool, device=idx.device).tril(S - idx.size(1))
+            past = cache["seen"]  # AFNO: layers cache u, not keys, so the count is kept here
+            causal = torch.ones(idx.size(1), past + idx.size(1), dtype=torch.bool, device=idx.device)
+            causal = causal.tril(past)
             masks = {True: causal, False: causal}
         else:
             masks, cache["docs"] = self.masks(idx, cache["docs"])
-        return self.logits(self.hidden(idx, masks, cache["layers"])), cache
+        x = self.hidden(idx, masks, cache["layers"], cache["last"])
+        cache["last"], cache["seen"] = idx[:, -1:], cache["seen"] + idx.size(1)
+        return self.logits(x), cache
 
     def causal_outputs(self, idx):
         """Every output as name -> (tensor with time on dim 1, lookahead): position t may depend on tokens
@@ -529,10 +826,10 @@ class GPT(nn.Module):
 
     def describe(self):
         """A line about the idea for the run log at start-up (its extra FLOPs, its cache size); "": none."""
-        c, afno = self.config, [i for i, b in enumerate(self.blocks) if not b.attention]
+        c, afno = self.config, [i for i, b in enumerate(self.blocks) if b.afno is not None]
         return (f"AFNO: layers {afno or 'none'} mix by causal FFT convolution ({c.afno_blocks} blocks, "
-                f"kernels of {c.afno_kernel_len} taps, FFT n = 2T in fp32; across documents), attention in "
-                "the others")
+                f"kernels of {c.afno_kernel_len} taps, FFT n = 2T in fp32; across documents; cache: "
+                f"{c.n_embd} numbers a token, attention's {2 * c.n_embd}), attention in the others")
 
     def log_stats(self):
         """{name: 0-d tensor} measured by the step just taken, for its step line (MoE's expert load)."""
@@ -627,12 +924,21 @@ def check_train_is_not_val(train_pattern, val_pattern):
 
 
 class DistributedDataLoader:
-    """Micro-batches as packed token streams: the shards' documents in order, each cut to its first doc_cap
-    tokens (2025-09-03 record; 0: uncut), one after another. A micro-step takes the next world * T tokens of
-    that stream (+1 for the last target) and rank r the r-th slice of T, so a step's data is the same for any
-    split into ranks x accumulation steps. The position (shard, document, offset) is saved in checkpoints.
-    Every shard's header and token ids are checked up front: a bad shard is an error before the first step,
-    not hours in (one pass over memmaps: docs/data.md gives the time)."""
+    """Micro-batches as rows that start at a document's first token (2025-07-12_BosAlign record: "learning
+    from mid-sample context is more challenging", and a row without its <|endoftext|> may lose the attention
+    sink that token gives). A row is T + 1 tokens (inputs the first T, targets the last T) of the shards'
+    documents in order, each cut to its first doc_cap tokens (2025-09-03 record; 0: uncut): from a document
+    start it takes whole documents until it is full; the last one is cut at the row's end and the rest of it
+    dropped, and the next row starts at the next document. A document longer than a row fills one alone. Rows
+    are full (no padding) and never span shards: a shard's last documents, too few to fill a row, are dropped,
+    as is a shard shorter than a row (an empty one too); after the last shard, the first again (a new epoch).
+    Every document starts with EOT, but shards are cut at a fixed size (FineWeb's, data/fineweb.py's), so one
+    may begin inside a document: its tokens before its first EOT are taken as a document (a shard with no EOT
+    is one), and a shard's first row is the only kind that may start without EOT. Micro-step m gives rank r
+    row m * world + r, so a step's data is the same for any split into ranks x accumulation steps. The next
+    row's position (shard, document) is saved in checkpoints: a resumed run sees the rows an uninterrupted one
+    would. Every shard's header and token ids are checked up front: a bad shard is an error before the first
+    step, not hours in (one pass over memmaps: docs/data.md gives the time)."""
 
     def __init__(self, pattern, T, rank, world, device, vocab_size=None, doc_cap=0):
         self.files = find_shards(pattern, "train_files")
@@ -641,45 +947,60 @@ class DistributedDataLoader:
         if sum(len(read_shard(f, vocab_size)) for f in self.files) == 0:
             raise SystemExit(f"error: the shards of --train_files={pattern} hold no tokens")
         self.shard = None
-        self.load_state_dict({"shard": 0, "doc": 0, "offset": 0})
+        self.load_state_dict({"shard": 0, "doc": 0})
+        if not self.row_left():  # settle() went round every shard
+            raise SystemExit(f"error: every shard of --train_files={pattern} holds fewer than {T + 1} tokens "
+                             f"of documents (cut to --doc_cap={doc_cap}), too few for one row of "
+                             f"--device_batch_tokens={T} + 1: lower --device_batch_tokens or give larger "
+                             "shards")
 
     def state_dict(self):
-        return {"shard": self.shard, "doc": self.doc, "offset": self.offset}
+        return {"shard": self.shard, "doc": self.doc}
 
     def load_state_dict(self, state):
-        if state["shard"] != self.shard:
-            self.tokens = read_shard(self.files[state["shard"]])
+        """Go to the row that starts at document state["doc"] of shard state["shard"], or the next row after
+        it. (A checkpoint of the older unaligned stream also holds an offset into that document: not used.)"""
+        self.open(state["shard"])
+        self.doc = state["doc"]
+        self.settle()
+
+    def row_left(self):
+        return self.filled[-1] - self.filled[self.doc] >= self.T + 1
+
+    def settle(self):
+        """On to the next shard's first document if this one has too few tokens left for a row (and past every
+        shard too short for one, going round them at most once)."""
+        for _ in range(len(self.files)):
+            if self.row_left():
+                return
+            self.open((self.shard + 1) % len(self.files))
+            self.doc = 0
+
+    def open(self, shard):
+        """Make shard the current one: its tokens, its documents as (start, end after the cut) spans, and
+        filled[i], the tokens of its documents before document i."""
+        if shard != self.shard:
+            self.tokens = read_shard(self.files[shard])
             starts = np.flatnonzero(self.tokens == EOT)
-            if len(starts) == 0 or starts[0] != 0:  # a shard may begin inside a document
+            if len(self.tokens) and (len(starts) == 0 or starts[0] != 0):  # a shard begun inside a document
                 starts = np.concatenate(([0], starts))
-            ends = np.append(starts[1:], len(self.tokens))
+            ends = np.append(starts, len(self.tokens))[1:]
             cut = np.minimum(ends, starts + self.doc_cap) if self.doc_cap else ends
             self.spans = np.stack((starts, cut), 1)
-        self.shard, self.doc, self.offset = state["shard"], state["doc"], state["offset"]
-
-    def read(self, n):
-        """The next n tokens of the stream; after the last shard, the first again (a new epoch)."""
-        parts = []
-        while n:
-            if self.doc == len(self.spans):
-                self.load_state_dict({"shard": (self.shard + 1) % len(self.files), "doc": 0, "offset": 0})
-                continue
-            start, end = self.spans[self.doc]
-            part = self.tokens[start + self.offset:min(end, start + self.offset + n)]
-            parts.append(part)
-            n -= len(part)
-            self.offset += len(part)
-            if start + self.offset == end:
-                self.doc, self.offset = self.doc + 1, 0
-        return np.concatenate(parts)
+            self.filled = np.concatenate(([0], np.cumsum(cut - starts)))
+        self.shard = shard
 
     def next_batch(self):
-        """(inputs, targets), each (1, T): this rank's slice of the next micro-step's stream."""
-        window = self.read(self.world * self.T)
-        after = self.state_dict()
-        window = np.append(window, self.read(1))  # the last target, which the next micro-step reads again
-        self.load_state_dict(after)
-        buf = torch.from_numpy(window[self.rank * self.T:(self.rank + 1) * self.T + 1].astype(np.int64))
+        """(inputs, targets), each (1, T): this rank's row of the next micro-step's world rows."""
+        for r in range(self.world):
+            first, need = self.doc, self.filled[self.doc] + self.T + 1
+            self.doc = int(np.searchsorted(self.filled, need))  # the row's documents: first .. doc - 1
+            if r == self.rank:
+                spans = self.spans[first:self.doc].copy()
+                spans[-1, 1] -= self.filled[self.doc] - need  # the last one cut at the row's end
+                row = np.concatenate([self.tokens[start:end] for start, end in spans])
+            self.settle()
+        buf = torch.from_numpy(row.astype(np.int64))
         if self.device.type == "cuda":  # pinned host memory lets the copy overlap with compute
             buf = buf.pin_memory().to(self.device, non_blocking=True)
         return buf[None, :-1], buf[None, 1:]
@@ -711,34 +1032,38 @@ class Hyperparameters(IdeaFlags):
     val_files: str = "data/fineweb10B/fineweb_val_*.bin"  # glob of validation shards; their first val_tokens
     # model
     vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128
-    n_layer: int = 12  # transformer blocks
+    n_layer: int = 11  # transformer blocks (the record's layout: Layout, in the model section)
     n_head: int = 6  # attention heads; head_dim = n_embd / n_head (128, modded-nanogpt 2024-10-14)
     n_embd: int = 768  # model width
-    logit_softcap: float = 15.0  # logits = cap * tanh(logits / cap) (2025-01-04 record)
-    value_embeds: int = 3  # value-embedding tables, for the first and the last this many layers (2024-12-04)
+    value_embeds: int = 5  # gated value-embedding tables: first 2, last 3 attention layers (2026-01-26)
+    bigram_vocab: int = 251520  # rows of the bigram hash embedding (2026-01-19: 5 x 50304; 0: none)
     attention: str = "flex"  # flex: packed streams, document masks, sliding windows; sdpa: plain causal rows
     seq_len: int = 1024  # --attention=sdpa only: tokens per causal row (flex: streams of device_batch_tokens)
     window_blocks: str = "3,7,11"  # long attention window per stage of training, in 128-token blocks
+    final_window_blocks: str = "20,6"  # long,short windows of the final validation, in blocks (2025-09-21)
     doc_cap: int = 2048  # training documents are cut to their first this many tokens (2025-09-03; 0: uncut)
     # optimisation
-    num_iterations: int = 2160  # optimizer steps (the LR, batch and window schedules are laid out over them)
+    num_iterations: int = 1870  # optimizer steps, 490M tokens (README: why); the schedules span them
     batch_tokens: int = 393216  # tokens per step over all ranks, in the last batch stage (2025-01-26)
     batch_stages: int = 3  # stage s of these parts trains on s/batch_stages of batch_tokens (2025-11-29)
-    device_batch_tokens: int | str = 16384  # tokens per micro-step per rank (one packed stream), or auto
-    warmup_steps: int = 0  # linear LR warm-up steps
-    cooldown_frac: float = 0.45  # the last fraction of the steps: LR decays linearly to lr_floor (2025-09-03)
-    lr_floor: float = 0.1  # the LR multiplier the cool-down ends at (2025-01-26 record)
-    muon_lr: float = 0.05  # hidden matrices
-    muon_momentum: float = 0.95  # Muon's Nesterov momentum after the warm-up
-    muon_momentum_warmup_steps: int = 300  # momentum rises linearly from 0.85 over these steps
-    embed_lr: float = 0.6  # AdamW: input embedding
-    head_lr: float = 0.008  # AdamW: output head
-    scalar_lr: float = 0.04  # AdamW: vectors and scalars, if the model has any
-    adam_beta1: float = 0.8  # AdamW betas (modded-nanogpt)
-    adam_beta2: float = 0.95
-    weight_decay: float = 0.0  # AdamW weight decay
+    device_batch_tokens: int | str = 16384  # tokens per micro-step per rank (a BOS-aligned row), or auto
+    warmup_steps: int = 0  # linear LR warm-up steps (the record has none)
+    stage_lr_mults: str = "auto"  # LR multiplier per batch stage, comma-separated; auto: 1, 1.52, 1.73 for 3
+    cooldown_frac: float = 0.55  # the last fraction of the steps: LR decays linearly to lr_floor (2025-11-29)
+    lr_floor: float = 0.1  # the LR multiplier the cool-down ends at, whatever the stage's (2025-01-13 record)
+    muon_lr: float = 0.023  # NorMuon, hidden matrices: times the LR multiplier (2025-11-29 record)
+    muon_momentum: float = 0.95  # NorMuon's Nesterov momentum between its warm-up and its cool-down
+    muon_momentum_warmup_steps: int = 300  # momentum rises linearly from 0.85 over these first steps
+    muon_momentum_cooldown_steps: int = 50  # and falls back to 0.85 over these last ones (2025-09-30 record)
+    muon_beta2: float = 0.95  # NorMuon's second-moment EMA (2025-11-29 record)
+    muon_weight_decay: float = 1.2  # NorMuon's cautious weight decay, times lr and the matrix's lr (2025-11-10)
+    adam_lr: float = 0.008  # Adam: embeddings, head, gates, scalars, times each group's lr_mul (PARAM_GROUPS)
+    adam_eps: float = 1e-10  # Adam's epsilon (2025-01-16 record)
+    adam_weight_decay: float = 0.005  # Adam's cautious weight decay, times lr_p**2 and wd_mul (2025-12-18)
     # evaluation
     val_every: int = 125  # validate every this many steps (0: only at the end)
+    val_dense_from: int = 1350  # from this step on, validate every val_dense_every steps too (0: off), where
+    val_dense_every: int = 25  # 124M's crossing of 3.3821 is expected (README), so a stop there costs little
     val_tokens: int = 1048576  # validation tokens, fixed by the benchmark rules (0: none, for benchmarks)
     target_val_loss: float = 3.3821  # the run has reached the target when val_loss <= this
     stop_at_target: bool = False  # stop at the first validation that reaches the target
@@ -760,15 +1085,17 @@ class Hyperparameters(IdeaFlags):
 
 
 PRESETS = {
-    "gpt2_124m": {},  # the defaults above: GPT-2 small's shape, the 2025-11-29 schedules, BottleCap's target
+    "gpt2_124m": {},  # the defaults above: the record's model, optimizer and schedules, BottleCap's target
     # BottleCap 1-GPU rule
     "bottlecap": dict(target_val_loss=3.3821, val_tokens=1048576, stop_at_target=True),
-    "modded": dict(target_val_loss=3.28, val_tokens=10485760),  # modded-nanogpt's rule
-    # trains on CPU in seconds on the bundled sample (data/sample/): for smoke tests and first contact
+    # modded-nanogpt's rule; 600M tokens: the ~480-520M a 3.28 run of this recipe needs by the ladder, +15%
+    "modded": dict(target_val_loss=3.28, val_tokens=10485760, num_iterations=2290, val_dense_from=1900),
+    # trains on CPU in seconds on the bundled sample (data/sample/): for smoke tests and first contact; the
+    # momentum's warm-up and cool-down (300 and 50 of 1870 steps) shortened for its 50 steps
     "tiny": dict(train_files="data/sample/sample_train_*.bin", val_files="data/sample/sample_val_*.bin",
                  n_layer=2, n_head=2, n_embd=64, window_blocks="1,2,4", batch_tokens=512, batch_stages=1,
-                 device_batch_tokens=512, num_iterations=50, val_every=25, val_tokens=8192,
-                 muon_momentum_warmup_steps=10, target_val_loss=7.5),
+                 device_batch_tokens=512, num_iterations=50, val_every=25, val_dense_from=0, val_tokens=8192,
+                 muon_momentum_warmup_steps=10, muon_momentum_cooldown_steps=2, target_val_loss=7.5),
 }
 
 
@@ -789,7 +1116,7 @@ class Run:
     use_compile: bool = False  # GPT.compile_regions() was applied
     raw_model: GPT | None = None  # the model itself: its schedules, hooks and state dict
     model: nn.Module | None = None  # what the loop calls: raw_model, or DDP around it on several processes
-    optimizers: list = dataclasses.field(default_factory=list)  # [AdamW, Muon]
+    optimizers: list = dataclasses.field(default_factory=list)  # [CautiousAdam, NorMuon]
     train_loader: DistributedDataLoader | None = None
     val_inputs: torch.Tensor | None = None  # this rank's validation streams (n, 1, T) on the CPU (n may be 0)
     val_targets: torch.Tensor | None = None  # their next tokens
@@ -829,45 +1156,120 @@ def stage_batches(args):
     return [args.batch_tokens * s // args.batch_stages for s in range(1, args.batch_stages + 1)]
 
 
+def stage_lr_mults(args):
+    """The LR multiplier of each batch stage: --stage_lr_mults, or auto: stage s (s times the first stage's
+    batch) at s**0.6 up to s = 2 and s**0.5 beyond, to 2 decimals as the record writes them: 1, 1.52, 1.73
+    for three stages (r0126:1524-1527: "(16/8)**0.6", "(24/8)**0.5"), 1 for one."""
+    if args.stage_lr_mults == "auto":
+        return [round(s ** (0.6 if s <= 2 else 0.5), 2) for s in range(1, args.batch_stages + 1)]
+    return [float(m) for m in args.stage_lr_mults.split(",")]
+
+
 def batch_stage(progress, args):
-    """(tokens in this step's batch, its LR multiplier): stage s runs at s**0.6 times the LR ((batch
-    ratio)**0.6, the 2025-11-29 record's rule)."""
+    """(tokens in this step's batch, its LR multiplier). The record switches its multiplier at progress > 1/3
+    and > 2/3 (r0126:1524-1527) and its batch at >= (r0126:1505); here both switch together, with the batch:
+    they differ only on a step that lands exactly on a third (step 720 of 2160)."""
     stage = min(int(progress * args.batch_stages), args.batch_stages - 1)
-    return stage_batches(args)[stage], (stage + 1) ** 0.6
+    return stage_batches(args)[stage], stage_lr_mults(args)[stage]
 
 
 def lr_factor(step, progress, args):
-    """LR multiplier: linear warm-up over warmup_steps, constant, then linear to lr_floor over the last
-    cooldown_frac; times the batch stage's multiplier."""
+    """The LR multiplier of NorMuon and Adam alike (r0126:1692): a linear warm-up over warmup_steps, then the
+    batch stage's multiplier m, cooled down linearly over the last cooldown_frac to the absolute floor
+    lr_floor: m * w + (1 - w) * lr_floor with w = (1 - progress) / cooldown_frac (r0126:1528-1531)."""
     if step < args.warmup_steps:
         return (step + 1) / args.warmup_steps
-    left = 1.0 if args.cooldown_frac <= 0 else min(1.0, (1.0 - progress) / args.cooldown_frac)
-    return (left + (1 - left) * args.lr_floor) * batch_stage(progress, args)[1]
+    mult = batch_stage(progress, args)[1]
+    if args.cooldown_frac == 0 or progress < 1 - args.cooldown_frac:
+        return mult
+    w = (1 - progress) / args.cooldown_frac
+    return mult * w + (1 - w) * args.lr_floor
 
 
 def muon_momentum(step, args):
-    frac = min(1.0, step / max(1, args.muon_momentum_warmup_steps))
-    return (1 - frac) * 0.85 + frac * args.muon_momentum
+    """NorMuon's momentum: 0.85 rising linearly to --muon_momentum over the first muon_momentum_warmup_steps,
+    back down to 0.85 over the last muon_momentum_cooldown_steps (r0126:1534-1547)."""
+    low, high = 0.85, args.muon_momentum
+    cooldown_start = args.num_iterations - args.muon_momentum_cooldown_steps
+    if step < args.muon_momentum_warmup_steps:
+        return low + step / args.muon_momentum_warmup_steps * (high - low)
+    if step > cooldown_start:
+        return high - (step - cooldown_start) / args.muon_momentum_cooldown_steps * (high - low)
+    return high
 
 
-def build_optimizers(model, args, device):
-    """Muon for hidden matrices; AdamW for embeddings, the head (lm_head*) and vectors. Each parameter once.
-    """
-    embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    groups = {"embed": [], "head": [], "scalar": [], "muon": []}
+def adam_steps_at(step):
+    """Adam updates on odd steps only, on the gradients of that step and the one before (r0126:1655-1657)."""
+    return step % 2 == 1
+
+
+# Which optimizer each parameter gets, and its settings: the first row that matches the parameter's name
+# (fnmatch: `*` matches dots too) wins; EMBEDDING matches the weight of any nn.Embedding, MATRIX any parameter
+# with 2 or more dimensions. A row that matches nothing in a model is harmless. The rows and values are the
+# record's param_table (r0126:1577-1592); a name from neither the baseline nor the record (an idea's) falls
+# through to the last three rows by its kind: a table, a matrix, or a vector/scalar.
+EMBEDDING, MATRIX = "<an nn.Embedding's weight>", "<ndim >= 2>"
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    name: str
+    optimizer: str  # adam or normuon
+    match: tuple  # name patterns, EMBEDDING or MATRIX
+    betas: tuple = (0.9, 0.99)  # Adam's
+    lr_mul: float = 1.0  # times --adam_lr or --muon_lr
+    wd_mul: float = 1.0  # Adam: times --adam_weight_decay (NorMuon: all 1)
+    transposed: bool = False  # NorMuon: the record stores these (in, out) (see NorMuon)
+
+
+PARAM_GROUPS = (
+    # gates: LightRNN's column gate (named lm_head_*, but a gate: no 150x decay on it)
+    ParamGroup("gates", "adam", ("*.attn_gate.weight", "*.ve_gate.weight", "lm_head_col_gate"),
+               (0.9, 0.99), 1.0, 1.0),
+    ParamGroup("xsa", "adam", ("*.xsa_alpha",), (0.9, 0.95), 1.0, 0.0),  # XSA's strengths (2026-04-29 record)
+    ParamGroup("lm_head", "adam", ("lm_head*",), (0.5, 0.95), wd_mul=150.0),  # LightRNN's factors too
+    ParamGroup("value_embeds", "adam", ("value_embeds.*", "bigram_embed.weight"), (0.75, 0.95), 75.0, 5.0),
+    ParamGroup("smear_gate", "adam", ("smear_gate.weight",), (0.9, 0.99), 0.01, 0.0),
+    ParamGroup("skip_gate", "adam", ("skip_gate.weight",), (0.9, 0.99), 0.05, 0.0),
+    ParamGroup("x0_lambdas", "adam", ("*x0_lambda*",), (0.65, 0.95), 5.0, 0.0),
+    ParamGroup("embed", "adam", ("wte.weight", EMBEDDING), (0.5, 0.95), wd_mul=150.0),  # LightRNN's tables too
+    # MLP output projections: 2x the LR (r0126:358-367), and the record's (in, out) layout gives them the
+    # shape multiplier (3072/768)**0.5 = 2 (r0126:1134, 355) where ours, (out, in), gives 1: so transposed.
+    # Net: attention 1x, c_fc 2x, c_proj 4x, as the record's.
+    ParamGroup("mlp_out", "normuon", ("*mlp.c_proj.weight", "*mlp.proj", "*mlp.shared.c_proj.weight"),
+               lr_mul=2.0, transposed=True),
+    ParamGroup("hidden", "normuon", (MATRIX,)),  # attention, c_fc, and an idea's own matrices
+    ParamGroup("scalars", "adam", ("*",), (0.9, 0.99), 5.0, 0.0),  # every other vector and scalar
+)
+
+
+def param_group(name, p, embeddings):
+    """The row of PARAM_GROUPS that parameter `name` falls in (embeddings: the ids of nn.Embedding weights)."""
+    def matches(pattern):
+        if pattern == EMBEDDING:
+            return id(p) in embeddings
+        return p.ndim >= 2 if pattern == MATRIX else fnmatch.fnmatchcase(name, pattern)
+    return next(row for row in PARAM_GROUPS if any(matches(pattern) for pattern in row.match))
+
+
+def build_optimizers(model, args):
+    """[CautiousAdam, NorMuon] over the model's parameters, a group per row of PARAM_GROUPS that has any, each
+    parameter in exactly one. Each group's base_lr is what lr_factor multiplies."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    members = {row: [] for row in PARAM_GROUPS}
     for name, p in model.named_parameters():
-        kind = ("embed" if id(p) in embedding_ids else "head" if name.startswith("lm_head")
-                else "muon" if p.ndim >= 2 else "scalar")
-        groups[kind].append(p)
-    lrs = {"embed": args.embed_lr, "head": args.head_lr, "scalar": args.scalar_lr}
-    adam = torch.optim.AdamW([dict(params=groups[k], lr=lrs[k]) for k in lrs if groups[k]],
-                             betas=(args.adam_beta1, args.adam_beta2), eps=1e-10,
-                             weight_decay=args.weight_decay, fused=device.type == "cuda")
-    muon = Muon(groups["muon"], lr=args.muon_lr, momentum=args.muon_momentum)
-    for opt in (adam, muon):
+        members[param_group(name, p, embeddings)].append(p)
+    adam_groups = [dict(params=ps, name=row.name, betas=row.betas, lr_mul=row.lr_mul, wd_mul=row.wd_mul)
+                   for row, ps in members.items() if ps and row.optimizer == "adam"]
+    normuon_groups = [dict(params=ps, name=row.name, lr_mul=row.lr_mul, transposed=row.transposed)
+                      for row, ps in members.items() if ps and row.optimizer == "normuon"]
+    adam = CautiousAdam(adam_groups, lr=args.adam_lr, eps=args.adam_eps, weight_decay=args.adam_weight_decay)
+    normuon = NorMuon(normuon_groups, lr=args.muon_lr, momentum=args.muon_momentum, beta2=args.muon_beta2,
+                      weight_decay=args.muon_weight_decay)
+    for opt in (adam, normuon):
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
-    return [adam, muon]
+    return [adam, normuon]
 
 
 def train_step(run, step, elapsed=0.0):
@@ -893,9 +1295,11 @@ def train_step(run, step, elapsed=0.0):
                 loss = model(x, y)
             run.scaler.scale(loss / accum).backward()
         loss_sum += loss.detach().float()
+    adam, normuon = run.optimizers
     for opt in run.optimizers:
         run.scaler.unscale_(opt)
-        run.scaler.step(opt)
+    run.scaler.step(adam, hold=not adam_steps_at(step))  # hold: keep this step's gradients for the next
+    run.scaler.step(normuon)
     run.scaler.update()
     model.zero_grad(set_to_none=True)
     if run.world > 1:
@@ -924,82 +1328,6 @@ def evaluate(run):
     return total.item() / (n_streams * run.world)
 
 
-class StepRecord:
-    """A step taken, logged once the next step is queued: its loss (and an idea's log_stats) are copied to the
-    host now, behind the work that makes them, so reading them then waits for this step only, never for the
-    next."""
-
-    def __init__(self, run, step, loss):
-        self.step, self.tokens_seen = step, run.state["tokens_seen"]
-        self.values = {"train_loss": loss, **run.raw_model.log_stats()}  # an idea's, e.g. MoE's expert load
-        # on a CPU the step is done when train_step returns
-        self.ready, self.done_at = None, time.perf_counter()
-        if run.device.type == "cuda":
-            self.values = {k: v.detach().to("cpu", non_blocking=True) for k, v in self.values.items()}
-            self.ready = torch.cuda.Event()
-            self.ready.record()
-
-    def read(self):
-        """The values, once the step is done; done_at becomes the time it was (near enough: the host is
-        ahead)."""
-        if self.ready is not None:
-            self.ready.synchronize()
-            self.done_at = time.perf_counter()
-        return {k: float(v) for k, v in self.values.items()}
-
-
-def log_step(run, record, t0):
-    """The step line of a step taken, its clock read when the step was done (t0: when the clock last started;
-    None when it has stopped), or the stop on a non-finite or diverged loss."""
-    args, state = run.args, run.state
-    values = record.read()
-    train_loss, step = values.pop("train_loss"), record.step
-    finite = math.isfinite(train_loss)
-    if not finite or diverged(run, train_loss, step):
-        first_bad = step - run.bad_steps + 1 if finite else step
-        # the weights after first_bad - 1 updates gave a bad loss: a checkpoint of them is bad too
-        state["checkpoints"] = [c for c in state["checkpoints"] if c[0] < first_bad - 1]
-        run.stopped = (f"train_loss is {train_loss} at step {step}" if not finite else
-                       f"train_loss diverged at step {first_bad} ({train_loss:.4f} at step {step}, "
-                       f"{run.bad_steps} steps running 2 over its best or no better than uniform)")
-        good = last_checkpoint(run)
-        again = f"resume from {good}" if good else "no good checkpoint was saved: start again"
-        run.error = f"error: stopped: {run.stopped}; {again} with {lower_lr_flags(args)}"
-        run.log.write(run.error)
-        return
-    now = state["train_time"] + (record.done_at - t0 if t0 is not None else 0.0)
-    step_ms, kilo_tok_per_s = 1000 * now / step, record.tokens_seen / now / 1000
-    eta = (args.num_iterations - step) * step_ms / 1000
-    eta = min(eta, args.time_budget_s - now) if args.time_budget_s > 0 else eta
-    idea_stats = "".join(f" {name}:{value:.2f}" for name, value in values.items())
-    track(run, step, dict(train_loss=train_loss, train_time_ms=now * 1000, step_avg_ms=step_ms,
-                          tokens_per_s=record.tokens_seen / now, **values))
-    run.log.write(f"step:{step}/{args.num_iterations} train_loss:{train_loss:.4f} "
-                  f"train_time:{now * 1000:.0f}ms step_avg:{step_ms:.1f}ms "
-                  f"tok/s:{kilo_tok_per_s:.{0 if kilo_tok_per_s >= 100 else 1}f}k "
-                  f"eta:{format_seconds(max(0.0, eta))}{idea_stats}")
-
-
-def diverged(run, loss, step):
-    """Has the loss diverged? A step's loss is bad when it is no better than guessing uniformly (above
-    ln(vocab_size) - 0.1: where a blown-up model sits, the softcap keeping its loss finite) or 2 nats over the
-    best so far; diverge_steps bad steps running, after the LR warm-up, are a divergence. A healthy run is
-    below both within a few steps and never 2 over its best for long."""
-    args, state = run.args, run.state
-    state["best_train_loss"] = min(state["best_train_loss"], loss)
-    bad = loss > min(math.log(args.vocab_size) - 0.1, state["best_train_loss"] + 2.0)
-    run.bad_steps = run.bad_steps + 1 if bad and step > args.warmup_steps else 0
-    return 0 < args.diverge_steps <= run.bad_steps
-
-
-def lower_lr_flags(args):
-    """What to lower after a divergence: the learning rates set above their defaults, or all of them."""
-    flags = ["muon_lr", "embed_lr", "head_lr", "scalar_lr"]
-    raised = [f for f in flags if getattr(args, f) > getattr(Hyperparameters, f)] or flags
-    return "lower " + ", ".join(f"--{f}={getattr(args, f):g} (default {getattr(Hyperparameters, f):g})"
-                                for f in raised)
-
-
 def train_loop(run):
     """The steps, validation every val_every, checkpoints every save_every, and the training clock, which
     stops for both and at the end. Sets run.stopped (why the run ended early) and returns the number of steps
@@ -1016,7 +1344,8 @@ def train_loop(run):
         for step in range(run.start_step, args.num_iterations + 1):
             elapsed = agreed_elapsed(run, state["train_time"] + time.perf_counter() - t0)
             last = step == args.num_iterations or 0 < args.time_budget_s <= elapsed
-            every = args.val_every > 0 and step % args.val_every == 0
+            every = args.val_every > 0 and step % args.val_every == 0 or (
+                0 < args.val_dense_from <= step and step % args.val_dense_every == 0)
             validate = args.val_tokens > 0 and (last or every)
             save = args.save_every > 0 and step > 0 and (last or step % args.save_every == 0)
             # the step line first: a NaN there must stop a save
@@ -1032,6 +1361,8 @@ def train_loop(run):
                     state["train_time"] += time.perf_counter() - t0
                 t0 = None
                 if validate:
+                    if last:  # the final validation's wider windows (2025-09-21 record)
+                        run.raw_model.schedule(1.0)
                     validation(run, step)
                 if run.master and (save or run.stopped and args.save_every > 0):
                     save_checkpoint(run, step)
@@ -1098,6 +1429,82 @@ def main(argv=None):
 
 
 # ---- harness ----
+class StepRecord:
+    """A step taken, logged once the next step is queued: its loss (and an idea's log_stats) are copied to the
+    host now, behind the work that makes them, so reading them then waits for this step only, never for the
+    next."""
+
+    def __init__(self, run, step, loss):
+        self.step, self.tokens_seen = step, run.state["tokens_seen"]
+        self.values = {"train_loss": loss, **run.raw_model.log_stats()}  # an idea's, e.g. MoE's expert load
+        # on a CPU the step is done when train_step returns
+        self.ready, self.done_at = None, time.perf_counter()
+        if run.device.type == "cuda":
+            self.values = {k: v.detach().to("cpu", non_blocking=True) for k, v in self.values.items()}
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def read(self):
+        """The values, once the step is done; done_at becomes the time it was (near enough: the host is
+        ahead)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.done_at = time.perf_counter()
+        return {k: float(v) for k, v in self.values.items()}
+
+
+def log_step(run, record, t0):
+    """The step line of a step taken, its clock read when the step was done (t0: when the clock last started;
+    None when it has stopped), or the stop on a non-finite or diverged loss."""
+    args, state = run.args, run.state
+    values = record.read()
+    train_loss, step = values.pop("train_loss"), record.step
+    finite = math.isfinite(train_loss)
+    if not finite or diverged(run, train_loss, step):
+        first_bad = step - run.bad_steps + 1 if finite else step
+        # the weights after first_bad - 1 updates gave a bad loss: a checkpoint of them is bad too
+        state["checkpoints"] = [c for c in state["checkpoints"] if c[0] < first_bad - 1]
+        run.stopped = (f"train_loss is {train_loss} at step {step}" if not finite else
+                       f"train_loss diverged at step {first_bad} ({train_loss:.4f} at step {step}, "
+                       f"{run.bad_steps} steps running 2 over its best or no better than uniform)")
+        good = last_checkpoint(run)
+        again = f"resume from {good}" if good else "no good checkpoint was saved: start again"
+        run.error = f"error: stopped: {run.stopped}; {again} with {lower_lr_flags(args)}"
+        run.log.write(run.error)
+        return
+    now = state["train_time"] + (record.done_at - t0 if t0 is not None else 0.0)
+    step_ms, kilo_tok_per_s = 1000 * now / step, record.tokens_seen / now / 1000
+    eta = (args.num_iterations - step) * step_ms / 1000
+    eta = min(eta, args.time_budget_s - now) if args.time_budget_s > 0 else eta
+    idea_stats = "".join(f" {name}:{value:.2f}" for name, value in values.items())
+    track(run, step, dict(train_loss=train_loss, train_time_ms=now * 1000, step_avg_ms=step_ms,
+                          tokens_per_s=record.tokens_seen / now, **values))
+    run.log.write(f"step:{step}/{args.num_iterations} train_loss:{train_loss:.4f} "
+                  f"train_time:{now * 1000:.0f}ms step_avg:{step_ms:.1f}ms "
+                  f"tok/s:{kilo_tok_per_s:.{0 if kilo_tok_per_s >= 100 else 1}f}k "
+                  f"eta:{format_seconds(max(0.0, eta))}{idea_stats}")
+
+
+def diverged(run, loss, step):
+    """Has the loss diverged? A step's loss is bad when it is no better than guessing uniformly (above
+    ln(vocab_size) - 0.1: where a blown-up model sits, the logit cap keeping its loss finite) or 2 nats over the
+    best so far; diverge_steps bad steps running, after the LR warm-up, are a divergence. A healthy run is
+    below both within a few steps and never 2 over its best for long."""
+    args, state = run.args, run.state
+    state["best_train_loss"] = min(state["best_train_loss"], loss)
+    bad = loss > min(math.log(args.vocab_size) - 0.1, state["best_train_loss"] + 2.0)
+    run.bad_steps = run.bad_steps + 1 if bad and step > args.warmup_steps else 0
+    return 0 < args.diverge_steps <= run.bad_steps
+
+
+def lower_lr_flags(args):
+    """What to lower after a divergence: the learning rates set above their defaults, or all of them."""
+    flags = ["muon_lr", "adam_lr"]
+    raised = [f for f in flags if getattr(args, f) > getattr(Hyperparameters, f)] or flags
+    return "lower " + ", ".join(f"--{f}={getattr(args, f):g} (default {getattr(Hyperparameters, f):g})"
+                                for f in raised)
+
+
 def at_least(low):
     return lambda v: low <= v < math.inf
 
@@ -1105,6 +1512,8 @@ def at_least(low):
 def in_range(low, high, high_included=True):
     return lambda v: low <= v <= high if high_included else low <= v < high
 
+
+NUMBER = r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"  # a plain non-negative decimal number: 1, 1.52, .5, 2e-3
 
 # Every flag's allowed values, in one place, checked after the preset and the flags (and a resumed
 # checkpoint's settings): flag -> (test, what is allowed). An idea's own flags are checked by
@@ -1114,30 +1523,36 @@ LIMITS = {
     "n_layer": (at_least(1), "an integer >= 1"),
     "n_head": (at_least(1), "an integer >= 1"),
     "n_embd": (at_least(4), "an integer >= 4"),
-    "logit_softcap": (lambda v: 0 < v < math.inf, "a number > 0"),
+    "bigram_vocab": (lambda v: v == 0 or 2 <= v < math.inf, "0 (none) or an integer >= 2"),
     "value_embeds": (at_least(0), "an integer >= 0"),
     "attention": (lambda v: v in ("flex", "sdpa"), "flex or sdpa"),
     "seq_len": (at_least(1), "an integer >= 1"),
     "window_blocks": (lambda v: re.fullmatch(r"[1-9][0-9]*(,[1-9][0-9]*)*", v),
                       "whole numbers >= 1, comma-separated"),
+    "final_window_blocks": (lambda v: re.fullmatch(r"[1-9][0-9]*,[1-9][0-9]*", v),
+                            "two whole numbers >= 1, long,short"),
     "doc_cap": (at_least(0), "an integer >= 0 (0: uncut)"),
     "num_iterations": (at_least(1), "an integer >= 1"),
     "batch_tokens": (at_least(1), "an integer >= 1"),
     "batch_stages": (at_least(1), "an integer >= 1"),
     "device_batch_tokens": (lambda v: v == "auto" or v >= 1, "an integer >= 1, or auto"),
     "warmup_steps": (at_least(0), "an integer >= 0"),
+    "stage_lr_mults": (lambda v: v == "auto" or re.fullmatch(rf"{NUMBER}(,{NUMBER})*", v),
+                       "auto or numbers >= 0, comma-separated, one per batch stage"),
     "cooldown_frac": (in_range(0, 1), "a number in [0, 1]"),
     "lr_floor": (in_range(0, 1), "a number in [0, 1]"),
     "muon_lr": (at_least(0), "a number >= 0"),
     "muon_momentum": (in_range(0, 1, high_included=False), "a number in [0, 1)"),
     "muon_momentum_warmup_steps": (at_least(0), "an integer >= 0"),
-    "embed_lr": (at_least(0), "a number >= 0"),
-    "head_lr": (at_least(0), "a number >= 0"),
-    "scalar_lr": (at_least(0), "a number >= 0"),
-    "adam_beta1": (in_range(0, 1, high_included=False), "a number in [0, 1)"),
-    "adam_beta2": (in_range(0, 1, high_included=False), "a number in [0, 1)"),
-    "weight_decay": (at_least(0), "a number >= 0"),
+    "muon_momentum_cooldown_steps": (at_least(0), "an integer >= 0"),
+    "muon_beta2": (in_range(0, 1, high_included=False), "a number in [0, 1)"),
+    "muon_weight_decay": (at_least(0), "a number >= 0"),
+    "adam_lr": (at_least(0), "a number >= 0"),
+    "adam_eps": (lambda v: 0 < v < math.inf, "a number > 0"),
+    "adam_weight_decay": (at_least(0), "a number >= 0"),
     "val_every": (at_least(0), "an integer >= 0 (0: only at the end)"),
+    "val_dense_from": (at_least(0), "an integer >= 0 (0: off)"),
+    "val_dense_every": (at_least(1), "an integer >= 1"),
     "val_tokens": (at_least(0), "an integer >= 0 (0: no validation)"),
     "target_val_loss": (math.isfinite, "a finite number"),
     "time_budget_s": (at_least(0), "a number of seconds >= 0 (0: off)"),
@@ -1156,6 +1571,10 @@ def check_args(args):
         if not allowed(value):
             raise SystemExit(f"error: --{name}={value}: expected {what}")
     # rotary: turning and still channel pairs
+    mults = args.stage_lr_mults.split(",")
+    if args.stage_lr_mults != "auto" and len(mults) != args.batch_stages:
+        raise SystemExit(f"error: --stage_lr_mults={args.stage_lr_mults}: expected {args.batch_stages} "
+                         f"multipliers, one per batch stage (--batch_stages={args.batch_stages}), or auto")
     if args.n_embd % 4:
         raise SystemExit(f"error: --n_embd={args.n_embd}: expected a multiple of 4 (heads of a multiple of 4 "
                          f"channels, for rotary), e.g. --n_embd={args.n_embd // 4 * 4 or 4}")
@@ -1261,14 +1680,14 @@ def resolve_flags(argv):
         if preset:
             notes.append(f"--preset={given['preset']} applied over the checkpoint's settings, then the flags "
                          "given")
-    if args.value_embeds > args.n_layer // 2:  # the first and the last value_embeds layers each get a table
+    room = max_value_embeds(args.n_layer)  # one table per attention layer at most
+    if args.value_embeds > room:
         if "value_embeds" in given:
-            raise SystemExit(f"error: --value_embeds={args.value_embeds}: at most --n_layer={args.n_layer} "
-                             f"// 2 = {args.n_layer // 2} (tables for the first and the last that many "
-                             "layers)")
-        notes.append(f"value_embeds {args.value_embeds} -> {args.n_layer // 2}: --n_layer={args.n_layer} has "
-                     f"room for {args.n_layer // 2} at each end")
-        args.value_embeds = args.n_layer // 2
+            raise SystemExit(f"error: --value_embeds={args.value_embeds}: at most {room} for --n_layer="
+                             f"{args.n_layer} (one table per attention layer)")
+        notes.append(f"value_embeds {args.value_embeds} -> {room}: --n_layer={args.n_layer} has room for "
+                     f"{room}")
+        args.value_embeds = room
     return args, ckpt, notes
 
 
@@ -1385,7 +1804,7 @@ def build_model(run):
         args.device_batch_tokens = auto_device_batch_tokens(run)
         if args.attention == "flex":
             run.raw_model.config.seq_len = args.device_batch_tokens
-    run.optimizers = build_optimizers(run.raw_model, args, device)
+    run.optimizers = build_optimizers(run.raw_model, args)
     if run.use_compile:  # compiled lazily, at the warm-up's first step
         # each kind of block (value embeddings or not, an idea's own), in training and in evaluation, is an
         # entry of Block.forward's one compile cache: room for 16, not Dynamo's default 8 (AFNO's two kinds
@@ -1682,8 +2101,8 @@ def memory_stats(device):
 def probe_fits(model, args, device, amp_ctx, size):
     """Does a micro-batch of `size` tokens fit? One real forward+backward of the model that will train (the
     compiled one when compile is on: its fused graph needs far less memory than eager's fp32 logits), plus
-    room for the optimizer states (at most two fp32 copies of the weights), within 90% of the device's memory.
-    """
+    room for the optimizer states (at most three fp32 copies of the weights: Adam's two moments and its held
+    gradient), within 90% of the device's memory."""
     idx = torch.randint(0, args.vocab_size, (1, size), device=device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -1695,7 +2114,7 @@ def probe_fits(model, args, device, amp_ctx, size):
     except torch.OutOfMemoryError:
         peak, total = math.inf, 0
     model.zero_grad(set_to_none=True)
-    optimizer_bytes = 8 * sum(p.numel() for p in model.parameters())
+    optimizer_bytes = 12 * sum(p.numel() for p in model.parameters())
     return peak + optimizer_bytes <= 0.9 * total
 
 

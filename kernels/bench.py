@@ -1,6 +1,7 @@
 """Time and peak memory of each kernel vs its PyTorch reference vs torch.compile(reference).
 
     python kernels/bench.py [--device cuda] [--tokens N --vocab V --dim C] [--softcap 15]
+                            [--offset 0 --width W]  (the CE head: softcap * tanh((z + offset) / W))
                             [--xxt-shapes 768x768,12x768x3072] [--no-compile] [--warmup 3 --reps 10]
 
 Defaults are the 124M preset's head (16*1024 tokens, C=768, V=50304, bf16 autocast) and Muon's
@@ -80,6 +81,9 @@ def main(argv=None):
     parser.add_argument("--vocab", type=int, default=50304)
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--softcap", type=float, default=15.0)
+    parser.add_argument("--offset", type=float, default=0.0,
+                        help="CE head softcap * tanh((z + offset) / width)")
+    parser.add_argument("--width", type=float, default=None, help="default: the softcap")
     parser.add_argument("--xxt-shapes", default=MUON_SHAPES)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     parser.add_argument("--warmup", type=int, default=3)
@@ -92,6 +96,7 @@ def main(argv=None):
     torch.manual_seed(0)
     n, c, v = args.tokens, args.dim, args.vocab
     rows = []
+    head = {"offset": args.offset, "width": args.width}
 
     def run_case(label, triton_fn, reference_fn):
         for name, fn in _variants(triton_fn, reference_fn, device, not args.no_compile):
@@ -110,7 +115,7 @@ def main(argv=None):
         def step():
             x.grad = weight.grad = None
             with torch.autocast(device.type, dtype=low_dtype, enabled=is_cuda):
-                loss = loss_fn(x, weight, targets, args.softcap)
+                loss = loss_fn(x, weight, targets, args.softcap, **head)
             loss.backward()
         return step
 
@@ -125,7 +130,7 @@ def main(argv=None):
     def softcap_ce_step(loss_fn):
         def step():
             logits.grad = None
-            loss_fn(logits, targets, args.softcap).backward()
+            loss_fn(logits, targets, args.softcap, **head).backward()
         return step
 
     run_case(f"softcap CE fwd+bwd  logits {n}x{v} {str(low_dtype).split('.')[-1]}",

@@ -65,10 +65,12 @@ def make_shards(directory, n_train=60_000, n_val=8_192, shards=2, vocab=256, see
 
 
 def small_args(train_glob, val_glob, log_dir, **overrides):
-    """Flags for a fast CPU run on synthetic shards (vocab 256): a few seconds for a dozen steps."""
+    """Flags for a fast CPU run on synthetic shards (vocab 256): a few seconds for a dozen steps. Adam's LR is
+    raised from the record's 0.008 (tuned for 1,870 steps) to 0.05, so a dozen steps learn the Markov chain
+    (val 5.55 -> 3.13 in 12 steps; 4.75 at 0.008)."""
     flags = dict(preset="tiny", train_files=train_glob, val_files=val_glob, log_dir=log_dir, vocab_size=256,
                  n_layer=2, n_head=2, n_embd=64, batch_tokens=256, batch_stages=1, device_batch_tokens=256,
-                 window_blocks="1", num_iterations=12, val_every=6, val_tokens=2048, embed_lr=0.1, head_lr=0.02)
+                 window_blocks="1", num_iterations=12, val_every=6, val_tokens=2048, adam_lr=0.05)
     flags.update(overrides)
     return [f"--{k}={v}" for k, v in flags.items()]
 

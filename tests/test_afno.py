@@ -1,14 +1,17 @@
 """Causal AFNO token mixing (train_gpt2_afno.py): what the idea promises, as tests.
 
 Guibas et al. 2021's AFNO mixes tokens through the FFT of the whole sequence, which sees the future; here the mixing is a
-causal convolution applied by a zero-padded FFT, in the layers --attn_layers leaves to AFNO. The generic tests
-(test_causality.py, tests/test_model.py, ...) cover the script too; these check: causality when any one token changes,
-the last included (the original leak), for all-AFNO and hybrid models; that this check catches a circular FFT (no
-padding); the FFT convolution against a direct O(T^2) sum; the document choice (AFNO layers see across documents,
-attention layers do not); cached decoding = the full forward; the layer selection and flag errors; torch.compile
-without graph breaks; the FFT in fp32 under bf16 autocast; parameters and optimizer groups at 124M.
+causal convolution applied by a zero-padded FFT, in the layout's attention layers that --attn_layers leaves to AFNO
+(124M: 4, 5, 7-10 of v3's 11; layer 6 has no attention to replace). The generic tests (test_causality.py,
+tests/test_model.py, ...) cover the script too; these check: causality when any one token changes, the last included
+(the original leak), for all-AFNO, hybrid and 11-layer models; that this check catches a circular FFT (no padding);
+the FFT convolution against a direct O(T^2) sum; the document choice (AFNO layers see across documents, attention
+layers do not); cached decoding = the full forward; the layer selection, what a mixer layer keeps of v3's attention
+pieces (its value embedding, gated; none of the rest) and flag errors; torch.compile without graph breaks; the FFT in
+fp32 under bf16 autocast; parameters, FLOPs, cache and optimizer groups at 124M.
 """
 import copy
+import re
 
 import pytest
 import torch
@@ -17,6 +20,11 @@ from tests.helpers import ROOT, assert_reordering_only, decode_in_pieces, load_s
 
 afno = load_script(ROOT / "train_gpt2_afno.py")
 EOT, VOCAB = 50256, 50304
+DEEP = ["--n_layer=11", "--n_embd=64", "--n_head=2", "--value_embeds=5", "--bigram_vocab=1000"]  # v3's layout
+
+
+def mixers(model):
+    return [b.afno for b in model.blocks if b.afno is not None]
 
 
 def build(*flags):
@@ -47,11 +55,11 @@ POSITIONS = (1, 7, T // 2, T - 2, T - 1)  # the last: a circular convolution lea
 
 
 @pytest.mark.parametrize("flags", [["--attn_layers=none"], ["--attn_layers=0", "--n_layer=3"], ["--n_layer=4"],
-                                   ["--attn_layers=none", "--afno_kernel_len=5"]],
-                         ids=["all-afno", "attention-then-afno", "auto-hybrid", "short-kernel"])
+                                   ["--attn_layers=none", "--afno_kernel_len=5"], DEEP],
+                         ids=["all-afno", "attention-then-afno", "auto-hybrid", "short-kernel", "11-layers"])
 def test_changing_any_token_moves_no_earlier_output(flags):
     model = build(*flags)
-    assert not all(b.attention for b in model.blocks)
+    assert mixers(model)
     assert causality_violations(model, tokens(2, T), POSITIONS) == []
 
 
@@ -129,16 +137,20 @@ def test_afno_layers_see_across_documents_and_attention_layers_do_not():
     (["--n_layer=4", "--window_blocks=1"], tokens(2, 170, eots=(0, 150)), [140, 5] + [1] * 25),
     (["--attn_layers=none", "--afno_kernel_len=16"], tokens(2, 40, eots=(0, 21)), [9, 1, 20] + [1] * 10),
     (["--n_layer=4", "--attention=sdpa", "--seq_len=20"], tokens(2, 20), [7, 5] + [1] * 8),
-], ids=["hybrid-flex", "all-afno-short-kernel", "hybrid-sdpa"])
+    (["--attn_layers=none", "--attention=sdpa", "--seq_len=20"], tokens(2, 20), [7, 5] + [1] * 8),
+    (DEEP + ["--window_blocks=1"], tokens(2, 40, eots=(0, 9, 21)), [9, 1, 20] + [1] * 10),
+], ids=["hybrid-flex", "all-afno-short-kernel", "hybrid-sdpa", "all-afno-sdpa", "11-layers"])
 def test_cached_decoding_matches_the_full_forward(flags, idx, pieces):
     """A prefill, a block, single tokens: AFNO layers cache u (value embeddings included: every layer of the 4-layer
-    models has one) and sum the kernel over it directly; this equals the full forward's FFT convolution."""
+    models has one, and layers 8-10 of the 11) and sum the kernel over it directly; this equals the full forward's FFT
+    convolution. all-afno-sdpa: no layer caches keys, so the position comes from the cache's own count; 11 layers:
+    smear, the bigram hash and the key offset decode alongside the mixers."""
     model = build(*flags)
     with torch.no_grad():
         full = model(idx)
         cached, cache = decode_in_pieces(model, idx, pieces)
     torch.testing.assert_close(cached, full, atol=2e-4, rtol=2e-4)
-    afno_layers = [layer for layer, block in zip(cache["layers"], model.blocks) if not block.attention]
+    afno_layers = [layer for layer, block in zip(cache["layers"], model.blocks) if block.afno is not None]
     assert afno_layers and all(layer["u"].shape == (2, idx.size(1), 64) for layer in afno_layers)
 
 
@@ -153,32 +165,56 @@ def test_sdpa_rows_are_mixed_on_their_own():
     assert a.shape == (2, 16, VOCAB) and torch.equal(a[1], b[1]) and not torch.equal(a[0], b[0])
 
 
-@pytest.mark.parametrize("spec,n_layer,expected", [("auto", 12, {0, 1, 2, 3}), ("auto", 2, {0}), ("auto", 1, {0}),
-                                                   ("all", 3, {0, 1, 2}), ("none", 12, set()), ("1,5", 12, {1, 5})])
+@pytest.mark.parametrize("spec,n_layer,expected", [("auto", 11, {0, 1, 2, 3}), ("auto", 2, {0}), ("auto", 1, {0}),
+                                                   ("all", 3, {0, 1, 2}), ("all", 11, set(range(11)) - {6}),
+                                                   ("none", 11, set()), ("1,5", 11, {1, 5})])
 def test_attn_layers_selects_the_attention_layers(spec, n_layer, expected):
+    """The layers listed keep attention; the layout's other attention layers mix by AFNO; the record's layer 6 of 11,
+    without attention, gets neither."""
     args, _ = afno.parse_args(["--preset=tiny", f"--n_layer={n_layer}", f"--attn_layers={spec}"])
     with torch.device("meta"):
         model = afno.GPT(afno.GPTConfig.from_args(args))
-    assert {i for i, b in enumerate(model.blocks) if b.attention} == expected
-    assert all(isinstance(b.mixer, afno.CausalSelfAttention if b.attention else afno.AFNOMixer) for b in model.blocks)
+    assert {i for i, b in enumerate(model.blocks) if b.attn is not None} == expected
+    without = {6} if n_layer == 11 else set()
+    assert {i for i, b in enumerate(model.blocks) if b.afno is not None} == set(range(n_layer)) - expected - without
+    assert all(isinstance(b.afno, afno.AFNOMixer) for b in model.blocks if b.afno is not None)
+    assert not any(b.attn is not None and b.afno is not None for b in model.blocks)
 
 
-@pytest.mark.parametrize("flag,message", [
-    ("--attn_layers=2", "--attn_layers=2: expected auto, all, none or distinct layer numbers in 0..1"),
-    ("--attn_layers=0,0", "distinct layer numbers"), ("--attn_layers=first", "distinct layer numbers"),
-    ("--attn_layers=-1", "distinct layer numbers"), ("--afno_blocks=3", "--afno_blocks=3: expected a divisor of --n_embd=64"),
+def test_mixer_layers_keep_their_value_embeddings_and_none_of_the_other_attention_pieces():
+    """v3's 11 layers under auto: the mixers at 4, 5, 7-10 have no attention scale, rotary, window, key offset (10), XSA
+    (4, 7) or sparse attention gate; 8-10 keep their value-embedding tables, gated per block as attention gates them per
+    head. Skip 3 -> 6 and the backout of 7 keep their layers. No parameter is dead: from random weights, every one has
+    a gradient."""
+    model = build(*DEEP).train()
+    layout = model.layout
+    assert [i for i, b in enumerate(model.blocks) if b.afno is not None] == [4, 5, 7, 8, 9, 10]
+    assert (layout.skip, layout.backout) == ((3, 6), 7) and len(model.value_embeds) == 5
+    for i in (4, 5, 7, 8, 9, 10):
+        names = {n for n, _ in model.blocks[i].afno.named_parameters()}
+        assert names == {"w_in", "w_hidden", "w_out", "kernel", "lambdas"} | ({"ve_gate.weight"} if i >= 8 else set())
+    idx = tokens(2, 40, eots=(0, 21)) % 1000
+    model(idx, tokens(2, 40, seed=2) % 1000).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().max() > 0] == []
+
+
+@pytest.mark.parametrize("flags,message", [
+    ("--attn_layers=2", "--attn_layers=2: expected auto, all, none or distinct layers among 0,1 (those with"),
+    ("--attn_layers=0,0", "distinct layers among"), ("--attn_layers=first", "distinct layers among"),
+    ("--attn_layers=-1", "distinct layers among"), ("--n_layer=11 --attn_layers=3,6", "among 0,1,2,3,4,5,7,8,9,10 ("),
+    ("--afno_blocks=3", "--afno_blocks=3: expected a divisor of --n_embd=64"),
     ("--afno_blocks=0", "expected a divisor"), ("--afno_kernel_len=0", "expected an integer >= 1"),
     ("--afno_shrink=-0.1", "a number >= 0"), ("--afno_shrink=inf", "a number >= 0")])
-def test_bad_afno_flags_are_one_line_errors(flag, message):
-    with pytest.raises(SystemExit, match=message.replace(".", r"\.")) as error:  # when the flags are parsed
-        afno.parse_args(["--preset=tiny", flag])
+def test_bad_afno_flags_are_one_line_errors(flags, message):
+    with pytest.raises(SystemExit, match=re.escape(message)) as error:  # when the flags are parsed
+        afno.parse_args(["--preset=tiny", *flags.split()])
     assert str(error.value).startswith("error: ") and "\n" not in str(error.value)
 
 
 def test_soft_shrinkage_zeroes_the_small_kernel_taps():
     """k = softshrink(w, lambda) * envelope: taps with |w| <= lambda contribute nothing, the others shrink by lambda."""
     model = build("--attn_layers=none", "--afno_shrink=0.3", "--afno_kernel_len=8")
-    mixer = model.blocks[0].mixer
+    mixer = model.blocks[0].afno
     with torch.no_grad():
         mixer.kernel.copy_(torch.linspace(-1, 1, mixer.kernel.numel()))
     seen = []
@@ -206,26 +242,51 @@ def test_compile_matches_eager_without_graph_breaks():
         loss = m(idx, targets)
         loss.backward()
         losses.append(loss.detach())
-        grads.append(next(b for b in m.blocks if not b.attention).mixer.kernel.grad.clone())
+        grads.append(mixers(m)[0].kernel.grad.clone())
     eager, compiled, reference = (0, 1, 2)
     assert_reordering_only(losses[compiled], losses[eager], losses[reference], "loss")
     assert_reordering_only(grads[compiled], grads[eager], grads[reference], "the kernel's gradient")
     assert grads[eager].abs().max() > 0
 
 
-def test_124m_parameters_and_optimizer_groups():
-    """Layers 4..11 trade attention (2,359,296 weights + 2 lambdas) for AFNO (3 x 8 x 96 x 96 block weights, 8 x 1408
-    kernel taps, 2 lambdas): 278,102,070 - 8 x 2,126,848 = 261,087,286. The kernels are 1-D, so AdamW's scalar group
-    takes them; the (8, 96, 96) block weights go to Muon, orthogonalised block by block."""
-    args, _ = afno.parse_args([])
+def test_124m_parameters_flops_cache_and_optimizer_groups():
+    """v3's 11 layers, 10 with attention; auto keeps it in 0-3 and trades it in 4, 5, 7-10 for AFNO. Parameters: an
+    attention layer has q, k, v, o (4 x 768^2 = 2,359,296), its sparse gate (6 x 12) and 2 lambdas, 2,359,370; 8-10
+    add a value-embedding gate (6 x 12), 4 and 7 XSA (6). A mixer has 3 x 8 x 96 x 96 = 221,184 block weights, 8 x
+    1408 kernel taps and 2 lambdas, 232,450; 8-10 add their value-embedding gate (8 blocks x 12). Every table stays
+    (8-10's value embeddings feed their mixers): 539,100,320 (tests/test_model.py) - 6 x 2,359,370 - 3 x 72 - 2 x 6
+    + 6 x 232,450 + 3 x 96 = 526,338,860.
+    Training FLOPs per token, counted as tests/test_model.py counts the baseline's (SDPA over a causal row of 1408
+    tokens): 6 per weight that multiplies (4 attention layers' 4 x 768^2, 11 MLPs, 6 mixers' block weights, the head,
+    the gates: 4 x 72 attention, 2 x 72 and 3 x 96 value-embedding, 12 skip, 12 smear) plus attention's 12 x 768 x
+    1408 in 4 layers: 659,722,608, 19.0% under the baseline's 814,553,568. FlopCounterMode counts no FFT: about
+    (2 x 2.5 x 2T log2(2T) + 6 (T + 1)) / T per channel and pass, ~0.3% more at T = 16,384 (the training stream).
+    Decoding cache: attention's k and v, 2 x 768 numbers per token, in 4 layers; a mixer's u, 768, in 6: 10,752 per
+    token against the baseline's 15,360 (-30%). The kernels are 1-D, so Adam's scalar group takes them; the
+    (8, 96, 96) block weights go to Muon, orthogonalised block by block."""
+    from torch.utils.flop_counter import FlopCounterMode
+    args, _ = afno.parse_args(["--attention=sdpa", "--seq_len=1408"])
     with torch.device("meta"):
         model = afno.GPT(afno.GPTConfig.from_args(args))
-    assert [b.attention for b in model.blocks] == [True] * 4 + [False] * 8
-    mixer = model.blocks[4].mixer
-    assert sum(p.numel() for p in mixer.parameters()) == 3 * 8 * 96 * 96 + 8 * 1408 + 2
-    assert sum(p.numel() for p in model.parameters()) == 278_102_070 - 8 * 2_126_848 == 261_087_286
-    adam, muon = afno.build_optimizers(model, args, torch.device("cpu"))
+    assert [i for i, b in enumerate(model.blocks) if b.attn is not None] == [0, 1, 2, 3]
+    assert [i for i, b in enumerate(model.blocks) if b.afno is not None] == [4, 5, 7, 8, 9, 10]
+    mixer = model.blocks[4].afno
+    assert sum(p.numel() for p in mixer.parameters()) == 3 * 8 * 96 * 96 + 8 * 1408 + 2 == 232_450
+    assert sum(p.numel() for p in model.blocks[8].afno.parameters()) == 232_450 + 8 * 12
+    assert sum(p.numel() for p in model.parameters()) == (539_100_320 - 6 * 2_359_370 - 3 * 72 - 2 * 6
+                                                          + 6 * 232_450 + 3 * 96) == 526_338_860
+    counter = FlopCounterMode(display=False)
+    with counter, torch.device("meta"):
+        idx = torch.zeros(1, 1408, dtype=torch.long)
+        model(idx, idx).backward()
+    weights = (4 * 4 * 768 ** 2 + 11 * 2 * 768 * 3072 + 6 * 3 * 8 * 96 * 96 + 50304 * 768
+               + 4 * 72 + 2 * 72 + 3 * 96 + 12 + 12)
+    assert counter.get_total_flops() / 1408 == 6 * weights + 12 * 4 * 768 * 1408 == 659_722_608
+    assert 4 * 2 * 768 + 6 * 768 == 10_752 and 10 * 2 * 768 == 15_360
+    adam, muon = afno.build_optimizers(model, args)
     muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
-    scalar_group = next(g for g in adam.param_groups if g["lr"] == args.scalar_lr)
+    scalar_group = next(g for g in adam.param_groups if g["name"] == "scalars")
+    assert scalar_group["lr"] * scalar_group["lr_mul"] == pytest.approx(0.04) and scalar_group["wd_mul"] == 0
     assert id(mixer.kernel) in {id(p) for p in scalar_group["params"]}
     assert {id(mixer.w_in), id(mixer.w_hidden), id(mixer.w_out)} <= muon_ids
+    assert not any(p.is_complex() for p in mixer.parameters())

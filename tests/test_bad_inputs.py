@@ -138,14 +138,14 @@ def test_mtp_weight_below_zero_is_refused():
 
 def test_value_embeds_beyond_the_depth_is_an_error_when_given_and_a_stated_clamp_when_not(shards, tmp_path):
     module = load_script(BASELINE)
-    message = error_of(module, small_args(*shards, tmp_path / "a", value_embeds=2))  # n_layer=2
-    assert "error: --value_embeds=2: at most --n_layer=2 // 2 = 1" in message
+    message = error_of(module, small_args(*shards, tmp_path / "a", value_embeds=3))  # n_layer=2: 2 attend
+    assert "error: --value_embeds=3: at most 2 for --n_layer=2 (one table per attention layer)" in message
     assert not (tmp_path / "a").exists()
     summary = module.main(small_args(*shards, tmp_path / "b", num_iterations=1, val_tokens=0))
     log = (tmp_path / "b" / f"{summary['run_id']}.txt").read_text()
     default = module.Hyperparameters.value_embeds
-    assert default > 1 and f"# value_embeds {default} -> 1: --n_layer=2 has room for 1 at each end" in log
-    assert '"value_embeds": 1' in log
+    assert default > 2 and f"# value_embeds {default} -> 2: --n_layer=2 has room for 2" in log
+    assert '"value_embeds": 2' in log
 
 
 def test_n_embd_without_a_head_count_that_works_says_to_change_n_embd(shards, tmp_path):
@@ -166,7 +166,9 @@ def test_resume_with_a_preset_applies_it_over_the_checkpoint_then_the_flags(shar
     module = load_script(BASELINE)
     first = module.main(small_args(*shards, tmp_path / "a", num_iterations=4, save_every=2, val_tokens=0))
     ckpt = first["last_checkpoint"]
-    summary = module.main([f"--resume={ckpt}", "--preset=modded", "--val_tokens=2048", f"--log_dir={tmp_path}/b"])
+    # the preset's 2290 steps would win over the checkpoint's 4: the flag given wins over both
+    summary = module.main([f"--resume={ckpt}", "--preset=modded", "--val_tokens=2048", "--num_iterations=4",
+                           f"--log_dir={tmp_path}/b"])
     log = (tmp_path / "b" / f"{summary['run_id']}.txt").read_text()
     assert "# --preset=modded applied over the checkpoint's settings, then the flags given" in log
     assert summary["target_val_loss"] == 3.28 and summary["val_tokens"] == 2048  # the preset's, then the flag's
@@ -174,17 +176,19 @@ def test_resume_with_a_preset_applies_it_over_the_checkpoint_then_the_flags(shar
 
 
 # ---- state: divergence, the last good checkpoint, shards checked up front ----
-DIVERGING = dict(muon_lr=1e6, embed_lr=1e6, diverge_steps=4, num_iterations=40, val_every=0)
+# no weight decay: with it, LRs of 1e6 blow the weights up to inf (the decay grows with the LR squared), a NaN
+DIVERGING = dict(muon_lr=1e6, adam_lr=1e6, muon_weight_decay=0, adam_weight_decay=0, diverge_steps=4,
+                 num_iterations=40, val_every=0)
 
 
 def test_a_blown_up_loss_that_stays_finite_stops_the_run_naming_the_flags_to_lower(shards, tmp_path):
-    """With LRs of 1e6 the softcap keeps the loss finite, stuck at uniform (ln 256): it stops after
+    """With LRs of 1e6 the logit cap keeps the loss finite, far above uniform (ln 256): it stops after
     diverge_steps such steps, exit 1, with no good checkpoint to name."""
     code, out, err = run_script(small_args(*shards, tmp_path, **DIVERGING))
     line = one_error_line(err)
     assert code == 1 and line.startswith("error: stopped: train_loss diverged at step "), line
-    assert "no good checkpoint was saved: start again with lower --muon_lr=1e+06 (default 0.05), " \
-           "--embed_lr=1e+06 (default 0.6)" in line and "resume from" not in line
+    assert "no good checkpoint was saved: start again with lower --muon_lr=1e+06 (default 0.023), " \
+           "--adam_lr=1e+06 (default 0.008)" in line and "resume from" not in line
     train, _, summary = read_log(next(tmp_path.glob("*.txt")))
     assert summary["steps"] < 20 and summary["last_checkpoint"] is None and line in out
 

@@ -8,6 +8,7 @@ import sys
 import tarfile
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,14 +31,17 @@ def test_tiny_preset_table_on_cpu(capsys, tmp_path):
     assert row["ms_per_step"] == pytest.approx(1000 * summary["train_time_s"] / 2) and len(train) == 2
     assert 1000 * summary["train_time_s"] >= last_step_ms - 1 > 0  # the clock stops at the end (log: whole ms)
     L, C, W, V = 2, 64, 512, 50304  # the tiny preset; its last long window is 4 blocks of 128 tokens
-    blocks, scalars = L * 12 * C * C, 2 * 2 + 2 * 2 + 1  # block and attention lambdas, one U-net skip weight
-    # embedding tables: the token embedding and one value embedding (min(3, L // 2)), looked up, not
-    # multiplied
-    assert row["params_m"] * 1e6 == 3 * V * C + blocks + scalars
-    assert row["active_params_m"] * 1e6 == V * C + blocks + scalars
+    blocks = L * 12 * C * C
+    gates = 2 * 2 * 12 + 2 * 2 * 12 + 12  # attention and value-embedding gates (2 heads x 12 inputs), smear's
+    scalars = 2 * 2 + 2 * 3 + 1  # attention lambdas, block lambdas (resid, x0, bigram), smear's lambda
+    # embedding tables, looked up, not multiplied: the token embedding, 2 value embeddings (one per attention
+    # layer) and the 251,520-row bigram table
+    tables = 3 * V * C + 251_520 * C
+    assert row["params_m"] * 1e6 == tables + V * C + blocks + gates + scalars
+    assert row["active_params_m"] * 1e6 == V * C + blocks + gates + scalars
     # 6 FLOPs per multiply-add weight per token (forward + backward), plus QK^T and AV over a row of the
     # window
-    assert row["gflops_per_token"] * 1e9 == pytest.approx(6 * (blocks + V * C) + 12 * L * C * W)
+    assert row["gflops_per_token"] * 1e9 == pytest.approx(6 * (blocks + V * C + gates) + 12 * L * C * W)
     assert row["tokens_per_s"] > 0 and row["ms_per_step"] > 0 and row["mfu"] is None  # no peak for a CPU
     assert row["batch_tokens"] == 512 and row["compile_s"] is None
 
@@ -84,11 +88,13 @@ TINY = ["--preset=tiny", "--vocab_size=256", "--n_layer=2", "--n_head=2", "--n_e
 
 
 def make_proxy(directory, n_val=4096):
-    """The race's proxy layout (enwiki_train_*, owt_val_*), as small learnable synthetic shards."""
+    """The race's proxy layout (enwiki_train_*, owt_val_*), as small learnable synthetic shards: 40 train
+    shards of 1,000 tokens, since with no <|endoftext|> in 256 ids a shard is one document, so one row."""
     directory.mkdir(parents=True, exist_ok=True)
     tokens = markov_tokens(40_000 + n_val)
     bench.fineweb.write_shard(str(directory / "owt_val_000000.bin"), tokens[:n_val])
-    bench.fineweb.write_shard(str(directory / "enwiki_train_000001.bin"), tokens[n_val:])
+    for i, part in enumerate(np.array_split(tokens[n_val:], 40), 1):
+        bench.fineweb.write_shard(str(directory / f"enwiki_train_{i:06d}.bin"), part)
     return directory
 
 
@@ -271,7 +277,7 @@ def test_gpu_tests_are_collected_and_skip_on_cpu(tmp_path):
     assert "PytestUnknownMarkWarning" not in collected.stdout + collected.stderr  # pytest.ini registers `gpu`
     names = [line for line in collected.stdout.splitlines() if line.startswith("tests/test_gpu.py::")]
     for kind in ("softcap_cross_entropy_kernel", "linear_softcap_cross_entropy_kernel", "xxt_kernel",
-                 "fused_linear_cross_entropy_memory", "fused_adamw", "fp16", "compile_warmup"):
+                 "fused_linear_cross_entropy_memory", "optimizers_take_the_cpus_steps", "fp16", "compile_warmup"):
         assert any(kind in name for name in names), kind
     assert sum("sdpa_backend" in name for name in names) == len(SCRIPTS)  # every script's attention
     # The tests stage's own pytest command, for real: on CPU every test is a skip, not an error, and the

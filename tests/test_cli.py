@@ -25,14 +25,15 @@ def test_flags_have_the_documented_names(script):
 def test_presets_and_overrides(script):
     args, given = script.parse_args(["--preset=modded", "--num_iterations=7", "--stop_at_target=1", "--compile=0"])
     assert (args.target_val_loss, args.val_tokens, args.num_iterations) == (3.28, 10485760, 7)
+    assert script.parse_args(["--preset=modded"])[0].num_iterations == 2290
     assert args.stop_at_target is True and args.compile == 0
     assert given == {"preset": "modded", "num_iterations": 7, "stop_at_target": True, "compile": 0}
     bottlecap, _ = script.parse_args(["--preset=bottlecap"])
     assert (bottlecap.target_val_loss, bottlecap.val_tokens, bottlecap.stop_at_target) == (3.3821, 1048576, True)
     default, _ = script.parse_args([])
-    assert (default.n_layer, default.n_head, default.n_embd, default.vocab_size) == (12, 6, 768, 50304)
+    assert (default.n_layer, default.n_head, default.n_embd, default.vocab_size) == (11, 6, 768, 50304)
     assert (default.batch_tokens, default.batch_stages, default.num_iterations, default.window_blocks) == (
-        393216, 3, 2160, "3,7,11")
+        393216, 3, 1870, "3,7,11")
     assert script.parse_args(["--device_batch_tokens=auto"])[0].device_batch_tokens == "auto"
     assert script.parse_args(["--preset=tiny", "--device_batch_tokens=4"])[0].device_batch_tokens == 4
 
@@ -73,12 +74,30 @@ def test_bad_flags_are_errors_that_say_what_is_valid(script, argv, message):
     ("--time_budget_s=-1", r"--time_budget_s=-1.0: expected a number of seconds >= 0"),
     ("--compile=2", r"--compile=2: expected 0, 1 or auto"),
     ("--muon_lr=nan", r"--muon_lr=nan: expected a number >= 0"),
-    ("--adam_beta2=1", r"--adam_beta2=1.0: expected a number in \[0, 1\)"),
-    ("--logit_softcap=0", r"--logit_softcap=0.0: expected a number > 0"),
+    ("--muon_beta2=1", r"--muon_beta2=1.0: expected a number in \[0, 1\)"),
+    ("--muon_weight_decay=-0.1", r"--muon_weight_decay=-0.1: expected a number >= 0"),
+    ("--muon_momentum_cooldown_steps=-1", r"--muon_momentum_cooldown_steps=-1: expected an integer >= 0"),
+    ("--adam_lr=-1", r"--adam_lr=-1.0: expected a number >= 0"),
+    ("--adam_lr=inf", r"--adam_lr=inf: expected a number >= 0"),
+    ("--adam_eps=0", r"--adam_eps=0.0: expected a number > 0"),
+    ("--adam_weight_decay=-1", r"--adam_weight_decay=-1.0: expected a number >= 0"),
+    ("--stage_lr_mults=fast", r"--stage_lr_mults=fast: expected auto or numbers >= 0, comma-separated, one per "
+                              r"batch stage"),
+    ("--stage_lr_mults=1,-2,3", r"--stage_lr_mults=1,-2,3: expected auto or numbers >= 0"),
+    ("--stage_lr_mults=1,1.5", r"--stage_lr_mults=1,1.5: expected 3 multipliers, one per batch stage "
+                               r"\(--batch_stages=3\), or auto"),
+    ("--bigram_vocab=1", r"--bigram_vocab=1: expected 0 \(none\) or an integer >= 2"),
+    ("--final_window_blocks=20", r"--final_window_blocks=20: expected two whole numbers >= 1, long,short"),
 ])
 def test_out_of_range_values_name_the_flag_the_value_and_the_range(script, flag, message):
     with pytest.raises(SystemExit, match=message):
         script.parse_args([flag])
+
+
+def test_stage_lr_mults_accepts_one_multiplier_per_stage(script):
+    args, _ = script.parse_args(["--batch_stages=2", "--stage_lr_mults=1,1.25e0"])
+    assert script.stage_lr_mults(args) == [1.0, 1.25]
+    assert script.stage_lr_mults(script.parse_args(["--batch_stages=1"])[0]) == [1.0]
 
 
 def test_help_lists_every_flag_with_its_default(script, capsys):

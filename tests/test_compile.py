@@ -74,18 +74,20 @@ def test_compiled_training_run_replays_eagerly_and_never_recompiles(script, shar
     assert f"({graphs['after warm-up'] - graphs['before']} graphs compiled)" in log
 
 
-@pytest.mark.parametrize("bug", ["softcap 14.9 in the compiled loss", "the long window in every compiled block"])
+@pytest.mark.parametrize("bug", ["logit offset 4.9 in the compiled loss", "the long window in every compiled block"])
 def test_a_wrong_compiled_graph_is_caught(bug):
-    """The comparison above is not blind: a compiled head with a logit softcap off by 0.7%, or every block given the
-    long window's mask (256 tokens where the short window is 128, in a 190-token document), fails it."""
+    """The comparison above is not blind: a compiled head with the logit transform's offset off by 2% (4.9 for 5),
+    or every block given the long window's mask (256 tokens where the short window is 128, in a 190-token
+    document), fails it."""
     module = load_script(SCRIPTS[0])
     model = random_model(module, "--vocab_size=512", "--n_layer=4", "--value_embeds=1", "--window_blocks=2").train()
+    model.schedule(0.0)  # training's windows: 256 and 128 tokens (a fresh model has the final validation's)
     idx, targets = tokens(1, 256, eots=(0, 190)) % 512, tokens(1, 256, seed=2) % 512
     reference, compiled = copy.deepcopy(model).double(), copy.deepcopy(model)
     compiled.compile_regions()
-    if bug.startswith("softcap"):
-        compiled.head_loss = torch.compile(
-            lambda x, y: module.linear_softcap_cross_entropy(x, compiled.lm_head.weight, y, 14.9))
+    if bug.startswith("logit offset"):
+        compiled.head_loss = torch.compile(lambda x, y: module.linear_logit_cross_entropy(
+            x, compiled.lm_head.weight, y, module.LOGIT_CAP, 4.9, module.LOGIT_WIDTH))
     else:
         masks = compiled.masks
 

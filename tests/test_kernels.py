@@ -225,6 +225,105 @@ def test_default_chunk_bounds_logits_memory():
     assert ce._chunk_rows(10, 50304, torch.float32, 4) == 4
 
 
+# ---- the logit transform cap * tanh((z + offset) / width): the 2025-12-26 record's sigmoid ----
+
+# 23 * sigmoid(u / 7.5) = 11.5 * tanh(u / 15) + 11.5, and a constant added to every logit changes
+# neither the cross-entropy nor its gradient: the record's head is softcap=11.5, offset=5, width=15.
+SIGMOID_HEAD = {"offset": 5.0, "width": 15.0}
+# Each CE path as (x, weight, targets, softcap, **kwargs) -> loss, so that all are checked on the
+# same head: the plain CE ones on F.linear's fp32 logits, whose grads reach x and weight through
+# autograd.
+CE_PATHS = {
+    "softcap_ce_triton": lambda a, w, *args, **kw: ce.softcap_cross_entropy_triton(
+        F.linear(a, w), *args, **kw),
+    "softcap_ce_reference": lambda a, w, *args, **kw: ce.softcap_cross_entropy_reference(
+        F.linear(a, w), *args, **kw),
+    "linear_ce_triton": lambda *args, **kw: ce.linear_softcap_cross_entropy_triton(
+        *args, chunk_size=5, **kw),  # 5 divides neither 37 nor 6: a short last chunk
+    "linear_ce_reference": ce.linear_softcap_cross_entropy_reference,
+}
+
+
+def sigmoid_head_results(path, reduction, n, c, v, **transform):
+    """(name, got, want) for the loss and its grads wrt x and weight: `path` run in fp32 with
+    softcap 11.5 and `transform`, against float64 F.cross_entropy of
+    23 * sigmoid((x @ W.T + 5) / 7.5), written without tanh: no formula shared with the kernels."""
+    torch.manual_seed(15)
+    x, weight = torch.randn(n, c), torch.randn(v, c) * 0.5  # logits ~ N(0, c / 4)
+    targets = make_targets((n,), v)  # every 4th row ignored (-1), one target in the masked tail
+    grad_output = torch.randn(n) if reduction == "none" else None
+    got, grads = loss_and_grads(
+        lambda a, w: CE_PATHS[path](a, w, targets, 11.5, reduction=reduction, **transform),
+        [x, weight], grad_output)
+
+    def record_head(a, w):
+        return F.cross_entropy(23 * torch.sigmoid((F.linear(a, w) + 5) / 7.5), targets,
+                               ignore_index=-1, reduction=reduction)
+
+    want, want_grads = loss_and_grads(record_head, [x.double(), weight.double()],
+                                      None if grad_output is None else grad_output.double())
+    return [("loss", got, want), ("grad_x", grads[0], want_grads[0]),
+            ("grad_weight", grads[1], want_grads[1])]
+
+
+# rel 1e-5, the other fp32 tests' tolerance. Against float64, the fp32 paths err by rounding only
+# (u = 2**-24). Loss: each logit, a C-term dot product, is off by <= C*u*sum|x_i w_i| <= 1.2e-5 here
+# (max sum|x_i w_i| = 12.6 at C = 16); the transform scales that by cap / width = 0.77, the loss
+# (logsumexp minus the target's logit) moves by at most twice that, 1.8e-5, and the logsumexp's own
+# blocked and tree sums add O(log2(V) * u): under 3e-6 of max|loss| (>= 7.4), a worst-case bound.
+# Grads: each d(loss)/d(logit) is a few roundings off (exp, tanh, products, and the logits' error
+# through softmax). grad_weight then sums N <= 37 rows: worst case N*u*sum|terms|/max|grad| =
+# 2.2e-6. grad_x sums V, where the worst case, V*u (7e-5 at V = 1000), is loose: independent
+# roundings grow like sqrt(V)*u*sum|terms|/max|grad|, 2.4e-6 at V = 1000 and 1.5e-5 at V = 50304
+# for one serial chain, which blocked matmuls split into far shorter ones (measured on every path
+# here: <= 7e-7). A wrong transform moves every check far more: offset 4.9 or width 14.9 by
+# >= 4.9e-4 relative.
+SIGMOID_HEAD_REL = 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("n,c,v", [(37, 16, 1000), (6, 8, 50304)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("path", list(CE_PATHS))
+def test_sigmoid_head_matches_float64(path, reduction, n, c, v):
+    """softcap=11.5, offset=5, width=15 is the record's 23 * sigmoid((z + 5) / 7.5), on every path;
+    width != softcap, so the backward's factor cap / width is checked too (it is not 1 here)."""
+    for name, got, want in sigmoid_head_results(path, reduction, n, c, v, **SIGMOID_HEAD):
+        assert got.dtype == torch.float32
+        assert_close(got, want.float(), SIGMOID_HEAD_REL, f"{path} {name}")
+
+
+@needs_triton
+@pytest.mark.parametrize("wrong", [{"offset": 4.9, "width": 15.0}, {"offset": 5.0, "width": 14.9}])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("path", ["softcap_ce_triton", "linear_ce_triton"])
+def test_sigmoid_head_comparison_detects_a_wrong_transform(path, reduction, wrong):
+    """The comparison above can fail: a slightly wrong offset or width fails each of its checks."""
+    for name, got, want in sigmoid_head_results(path, reduction, 37, 16, 1000, **wrong):
+        with pytest.raises(AssertionError):
+            assert_close(got, want.float(), SIGMOID_HEAD_REL, f"{path} {name} {wrong}")
+
+
+@needs_triton
+@pytest.mark.parametrize("path", list(CE_PATHS))
+def test_transform_defaults_and_bad_width(path):
+    """width=None is width=softcap and offset 0.0 the plain softcap, bit for bit; with no softcap
+    offset and width are unused; a width <= 0 (or nan) is refused."""
+    torch.manual_seed(16)
+    x, weight = torch.randn(9, 8), torch.randn(70, 8)
+    targets = make_targets((9,), 70)
+    fn = CE_PATHS[path]
+    assert torch.equal(fn(x, weight, targets, 15.0),
+                       fn(x, weight, targets, 15.0, offset=0.0, width=15.0))
+    assert torch.equal(fn(x, weight, targets, None),
+                       fn(x, weight, targets, None, offset=3.0, width=2.0))
+    assert not torch.equal(fn(x, weight, targets, 15.0),
+                           fn(x, weight, targets, 15.0, offset=1.0))
+    for width in (0.0, -15.0, float("nan")):
+        with pytest.raises(ValueError, match="width"):
+            fn(x, weight, targets, 15.0, width=width)
+
+
 # ---- xxt ----
 
 @needs_triton
@@ -277,11 +376,18 @@ def test_public_functions_dispatch_on_cpu():
     logits, x, weight = torch.randn(6, 40), torch.randn(6, 8), torch.randn(40, 8)
     targets = make_targets((6,), 40)
     want = (kernels.softcap_cross_entropy_reference(logits, targets, 15.0),
-            kernels.linear_softcap_cross_entropy_reference(x, weight, targets, 15.0), x @ x.mT)
+            kernels.linear_softcap_cross_entropy_reference(x, weight, targets, 15.0), x @ x.mT,
+            # offset and width are handed to whichever path runs
+            kernels.softcap_cross_entropy_reference(logits, targets, 11.5, **SIGMOID_HEAD),
+            kernels.linear_softcap_cross_entropy_reference(x, weight, targets, 11.5,
+                                                           **SIGMOID_HEAD))
 
     def public():
         return (kernels.softcap_cross_entropy(logits, targets, 15.0),
-                kernels.linear_softcap_cross_entropy(x, weight, targets, 15.0), kernels.xxt(x))
+                kernels.linear_softcap_cross_entropy(x, weight, targets, 15.0), kernels.xxt(x),
+                kernels.softcap_cross_entropy(logits, targets, 11.5, **SIGMOID_HEAD),
+                kernels.linear_softcap_cross_entropy(x, weight, targets, 11.5, chunk_size=4,
+                                                     **SIGMOID_HEAD))
 
     kernels.set_enabled(False)
     assert not kernels.use_triton(logits)
@@ -398,11 +504,11 @@ def test_custom_ops_opcheck():
     x, weight = torch.randn(6, 8, requires_grad=True), torch.randn(70, 8, requires_grad=True)
     targets6 = make_targets((6,), 70)
     cases = [
-        (torch.ops.kernels.softcap_ce_fwd.default, (logits, targets, 15.0, -1)),
+        (torch.ops.kernels.softcap_ce_fwd.default, (logits, targets, 15.0, 0.0, 15.0, -1)),
         (torch.ops.kernels.linear_softcap_ce_fused.default,
-         (x, weight, targets6, 15.0, -1, torch.float32, 4, True)),
+         (x, weight, targets6, 15.0, 0.0, 15.0, -1, torch.float32, 4, True)),
         (torch.ops.kernels.linear_softcap_ce_losses.default,
-         (x, weight, targets6, 0.0, -1, torch.float32, 4)),
+         (x, weight, targets6, 0.0, 0.0, 1.0, -1, torch.float32, 4)),
         (torch.ops.kernels.xxt.default, (torch.randn(2, 40, 20, requires_grad=True),)),
     ]
     for op, args in cases:
@@ -411,10 +517,11 @@ def test_custom_ops_opcheck():
 
 # ---- bench ----
 
-def test_bench_runs_on_cpu(capsys):
+@pytest.mark.parametrize("head", [[], ["--softcap", "11.5", "--offset", "5", "--width", "15"]])
+def test_bench_runs_on_cpu(capsys, head):
     rows = bench.main(["--device", "cpu", "--tokens", "16", "--vocab", "64", "--dim", "32",
                        "--xxt-shapes", "40x24,2x40x24", "--no-compile", "--warmup", "1",
-                       "--reps", "1"])
+                       "--reps", "1", *head])
     out = capsys.readouterr().out
     assert "linear+softcap CE" in out and "xxt 2x40x24" in out
     assert len(rows) == 4 * 3

@@ -7,16 +7,23 @@ ahead: it conditions on the next token's row). These check the LightRNN specific
 used cells; the joint over every cell is normalised with no mass on empty cells; the training loss is -log of the
 product computed by hand and agrees with the full distribution decoding uses; the frequency placement is deterministic,
 ranked by the train shards' counts, and survives checkpoints and resumes; sampling only emits ids of used cells;
-parameters and FLOPs at 124M; bad flags are clear errors. (Compiled = eager, the table's lookups and the empty-cell mask
-inside the graphs: tests/test_compile.py, for every script.)
+parameters and FLOPs at 124M; bad flags are clear errors. Against the v3 baseline: the record's init on both factors,
+and at the record's 11 layers (skip, backout, XSA, key offset, smear, bigram hash) the factorised model still decodes
+from its cache as it computes in full, keeps documents apart and is causal. (Compiled = eager, the table's lookups and
+the empty-cell mask inside the graphs: tests/test_compile.py, for every script.)
 """
+import math
+
 import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import sample
+from test_causality import find_leaks
 from tests.helpers import ROOT, load_script, random_model, small_args
+from tests.test_attention import document_leaks
+from tests.test_v3 import DEEP  # the record's 11 layers at width 64: every v3 piece in play
 
 lightrnn = load_script(ROOT / "train_gpt2_lightrnn.py")
 
@@ -77,28 +84,34 @@ def test_the_joint_over_every_cell_sums_to_one_and_empty_cells_get_nothing():
 
 
 def test_the_loss_is_minus_log_of_the_product_computed_by_hand():
-    """-log p(row | h) - log p(col | h, row), with p(col | h, row) a softmax over the row's used columns of
-    softcap(w_c . (h * g_row)), written out per token in float64; and -log of the full distribution at the targets."""
+    """-log p(row | h) - log p(col | h, row), each factor a softmax of the record's logit transform 23 sigmoid((z +
+    5) / 7.5) (the script's 11.5 tanh((z + 5) / 15) differs by a constant), p(col | h, row) over the row's used
+    columns of z = w_c . (h * g_row), written out per token in float64; targets -1 count for nothing; and -log of
+    the full distribution at the targets."""
     model = build()
     gen = torch.Generator().manual_seed(1)
     idx, targets = torch.randint(0, 512, (2, 16), generator=gen), torch.randint(0, 512, (2, 16), generator=gen)
     targets[0, :4] = torch.tensor([500, 505, 511, 21])  # ids in rows with an empty cell and in full rows
+    targets[1, -3:] = -1
     with torch.no_grad():
         loss = model(idx, targets)
         logits = model(idx)
         h = model.hidden(idx, model.masks(idx)[0]).double().flatten(0, 1)
-    cap, terms = model.config.logit_softcap, []
+    terms = []
     w_row, w_col = model.lm_head.row.weight.double(), model.lm_head.col.weight.double()
     for n, t in enumerate(targets.flatten().tolist()):
+        if t < 0:
+            continue
         r, c = int(model.token_row[t]), int(model.token_col[t])
-        row_scores = (cap * torch.tanh(w_row @ h[n] / cap)).exp()
-        col_scores = (cap * torch.tanh(w_col @ (h[n] * model.lm_head_col_gate[r].double()) / cap)).exp()
+        row_scores = (23 * torch.sigmoid((w_row @ h[n] + 5) / 7.5)).exp()
+        col_scores = (23 * torch.sigmoid((w_col @ (h[n] * model.lm_head_col_gate[r].double()) + 5) / 7.5)).exp()
         col_scores = col_scores[model.cell_token.view(23, 23)[r] >= 0]  # the row's used cells, in column order
         used_before = int((model.cell_token.view(23, 23)[r, :c] >= 0).sum())
         p = row_scores[r] / row_scores.sum() * col_scores[used_before] / col_scores.sum()
         terms.append(-p.log())
-    assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
-    assert loss.item() == pytest.approx(-logits.gather(-1, targets[..., None]).mean().item(), rel=1e-5)
+    assert len(terms) == 29 and loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+    keep = targets >= 0
+    assert loss.item() == pytest.approx(-logits[keep].gather(-1, targets[keep][:, None]).mean().item(), rel=1e-5)
 
 
 def test_the_column_factor_conditions_on_the_next_tokens_row_only():
@@ -165,7 +178,8 @@ def test_sampling_only_emits_ids_of_used_cells():
     """The row head is pushed to the rows with an empty cell (6..22): every sampled and greedy token comes from those
     rows and maps back to its cell, and none from column 22, whose cells there are empty."""
     model = build()
-    model.lm_head.row.register_forward_hook(lambda m, i, out: out + 30.0 * (torch.arange(23) >= 6))
+    # +-30 before the logit transform: rows 0..5 end ~22 below the others, ~1e-9 of the mass
+    model.lm_head.row.register_forward_hook(lambda m, i, out: out + torch.where(torch.arange(23) >= 6, 30.0, -30.0))
     idx = torch.randint(0, 512, (4, 3), generator=torch.Generator().manual_seed(3))
     gen = torch.Generator().manual_seed(0)
     emitted = [t for temperature in (1.0, 0.0) for row in sample.generate(
@@ -178,25 +192,66 @@ def test_sampling_only_emits_ids_of_used_cells():
 
 
 def test_124m_parameters_and_head_flops_against_the_full_softmax():
-    """225 x 224 = 50400 cells for 50304 ids. The two 50304 x 768 tables (input embedding, head) become 449 x 768
-    (row and column vectors) and 225 + 224 head rows plus a 225 x 768 gate: 201,697,590 parameters vs the baseline's
-    278,102,070. Training FLOPs per token (FlopCounterMode: matmuls) lose 6 x 768 x (50304 - 449) of the head's."""
+    """225 x 224 = 50400 cells for 50304 ids. Of the baseline's 539,100,320 parameters (tests/test_model.py), the two
+    50304 x 768 tables (input embedding, head) become 449 x 768 (row and column vectors) and 225 + 224 head rows plus
+    a 225 x 768 gate: 462,695,840 (-14.2%; the 5 value-embedding tables and the bigram table stay full). Training FLOPs
+    per token (FlopCounterMode: matmuls, at the 1408-token causal row of the baseline's figure, 814,553,568) lose
+    6 x 768 x (50304 - 449) of the head's: 584,821,728 (-28.2%); the gate is elementwise, the lookups are free."""
     args, _ = lightrnn.parse_args(["--attention=sdpa", "--seq_len=1408", "--lightrnn_count_tokens=0"])
     with torch.device("meta"):
         model = lightrnn.GPT(lightrnn.GPTConfig.from_args(args))
     d, table = 768, 50304 * 768
-    blocks = 12 * (4 * d * d + 2 * d * 4 * d)
     head = d * (225 + 224)
     assert (model.rows, model.cols) == (225, 224)
-    assert sum(p.numel() for p in model.parameters()) == 278_102_070 - 2 * table + (225 + 224) * d + head + 225 * d \
-        == 201_697_590
+    assert sum(p.numel() for p in model.parameters()) == 539_100_320 - 2 * table + (225 + 224) * d + head + 225 * d \
+        == 462_695_840
     counter = FlopCounterMode(display=False)
     with counter, torch.device("meta"):
         idx = torch.zeros(1, 1408, dtype=torch.long)
         model(idx, idx).backward()
-    flops_per_token = counter.get_total_flops() / 1408
-    assert flops_per_token == 6 * (blocks + head) + 12 * 12 * d * 1408 == 897_122_304 - 6 * (table - head)
+    assert counter.get_total_flops() / 1408 == 814_553_568 - 6 * (table - head) == 584_821_728
     assert 2 * head == 689_664 and 2 * 50304 * d == 77_266_944  # forward head FLOPs: 112x fewer
+
+
+def test_the_records_head_init_on_both_factors_and_each_embedding_a_copy_of_its_head():
+    """The baseline's lm_head N(0, 0.005) with wte a copy (2025-12-19 / 2025-12-22 records), factor by factor; the
+    row gate starts at 1 (the column head reads h itself); the first loss is near ln(vocab_size)."""
+    args, _ = lightrnn.parse_args(["--preset=tiny", "--vocab_size=50304", "--n_embd=256", "--n_head=2"])
+    torch.manual_seed(0)
+    model = lightrnn.GPT(lightrnn.GPTConfig.from_args(args))
+    for head, table in ((model.lm_head.row, model.wte_row), (model.lm_head.col, model.wte_col)):
+        assert head.weight.std().item() == pytest.approx(0.005, rel=0.03) and torch.equal(table.weight, head.weight)
+    assert torch.equal(model.lm_head_col_gate, torch.ones(225, 256))
+    idx = torch.randint(0, 50304, (2, 64))
+    with torch.no_grad():
+        assert model(idx, torch.randint(0, 50304, (2, 64))).item() == pytest.approx(math.log(50304), abs=0.05)
+
+
+def test_kv_cache_decoding_equals_the_full_forward_at_the_records_11_layers():
+    """Key offset, smear (of row + column vectors, across a cache boundary: cache["last"]) and the bigram hash in
+    play; windows shorter than the sequence; documents at positions 0 and 1."""
+    model = random_model(lightrnn, *DEEP, "--vocab_size=50304")
+    model.windows.copy_(torch.tensor([6, 3]))
+    idx = torch.randint(0, 50000, (2, 20), generator=torch.Generator().manual_seed(4))
+    idx[0, 0] = idx[0, 9] = idx[1, 1] = idx[1, 15] = 50256
+    with torch.no_grad():
+        full = model(idx)
+        parts, cache = [], None
+        for a, b in ((0, 1), (1, 7), (7, 12)) + tuple((t, t + 1) for t in range(12, 20)):
+            logits, cache = model.forward_cached(idx[:, a:b], cache)
+            parts.append(logits)
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["flex", "dense"])
+def test_documents_stay_apart_at_the_records_11_layers(grad):
+    """Every output, the column factor included: smear and the bigram hash never look back across an EOT."""
+    model = random_model(lightrnn, *DEEP)
+    assert all(moved == 0.0 for moved in document_leaks(model, grad).values())
+
+
+def test_the_deep_model_is_causal():
+    assert find_leaks(random_model(lightrnn, *DEEP, "--vocab_size=512")) == []
 
 
 @pytest.mark.parametrize("flag, message", [

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from test_causality import find_leaks
-from tests.helpers import ROOT, assert_reordering_only, load_script, small_args
+from tests.helpers import ROOT, assert_reordering_only, decode_in_pieces, load_script, random_model, small_args
+from tests.test_attention import document_leaks
 
 moe = load_script(ROOT / "train_gpt2_moe.py")
 baseline = load_script(ROOT / "train_gpt2.py")
@@ -109,8 +110,8 @@ def test_load_statistics_and_the_bias_update_on_a_constructed_routing():
     expected = torch.tensor([10, 10, 5, 5, 1, 1] + [0] * 10, dtype=torch.float32)
     assert torch.equal(layer.expert_load, expected)
     model.blocks[1].mlp.expert_load.fill_(2.0)  # an even layer: max / mean 1
-    stats = model.log_stats()  # tensors, read when the step is logged
-    assert {k: round(float(v), 4) for k, v in stats.items()} == {"moe_load_max/mean": 3.0, "worst": 5.0}  # layer 0: 10 / 2
+    stats = model.log_stats()  # tensors, read when the step is logged; layer 0: 10 / 2
+    assert {k: round(float(v), 4) for k, v in stats.items()} == {"moe_load_max/mean": 3.0, "worst": 5.0}
     model.schedule(0.5)
     assert torch.equal(layer.expert_bias, 0.01 * torch.tensor([-1.0] * 4 + [1.0] * 12))
     assert layer.expert_load.sum() == 0
@@ -118,8 +119,8 @@ def test_load_statistics_and_the_bias_update_on_a_constructed_routing():
 
 def test_the_forward_never_depends_on_the_accumulated_load_and_only_schedule_moves_the_bias():
     """Causality of the balancing: whatever load the earlier forwards counted, a training forward gives the same
-    loss; forwards and backwards never touch the bias, schedule() does (none at progress 0, before the first step);
-    and the bias does change routing, so this is not vacuous."""
+    loss; forwards and backwards never touch the bias, schedule() does (none at progress 0, before the first step,
+    and none at 1, the final validation); and the bias does change routing, so this is not vacuous."""
     model = build().train()
     idx = tokens()
     first = model(idx, idx)
@@ -135,6 +136,9 @@ def test_the_forward_never_depends_on_the_accumulated_load_and_only_schedule_mov
     model.schedule(0.1)
     assert all(m.expert_bias.abs().sum() > 0 for m in model.moe_layers())
     assert not torch.equal(model(idx, idx), first)
+    biases = [m.expert_bias.clone() for m in model.moe_layers()]
+    model.schedule(1.0)  # the final validation: the model as trained, whatever the last step counted
+    assert all(torch.equal(m.expert_bias, b) for m, b in zip(model.moe_layers(), biases))
 
 
 def test_causal_in_training_mode_with_the_balance_loss_on():
@@ -173,12 +177,12 @@ def test_balance_loss_changes_the_training_loss_not_the_validation_loss():
 
 
 def test_muon_orthogonalises_each_expert_on_its_own():
-    """The stacked (E, out, in) expert weights go to Muon (the router too; the balancing bias is a buffer, in no
+    """The stacked (E, out, in) expert weights go to NorMuon (the router too; the balancing bias is a buffer, in no
     optimizer), and each expert's slice of the update is ~orthogonal by itself, while the same experts flattened
-    into one matrix would not be: the update is per expert."""
+    into one matrix would not be: the update is per expert (NorMuon's second moment too)."""
     model = build()
     args, _ = moe.parse_args(["--preset=tiny"])
-    adam, muon = moe.build_optimizers(model, args, torch.device("cpu"))
+    adam, muon = moe.build_optimizers(model, args)
     layer = model.blocks[0].mlp
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
     assert {id(layer.fc), id(layer.proj), id(layer.router.weight)} <= in_muon
@@ -191,7 +195,7 @@ def test_muon_orthogonalises_each_expert_on_its_own():
     U, _, Vh = torch.linalg.svd(torch.randn(16, 64, 64))
     spectrum = torch.logspace(-1.3, 0, 64) * torch.logspace(0, 2, 16)[:, None]
     layer.fc.grad = U @ torch.diag_embed(spectrum) @ Vh
-    opt = moe.Muon([layer.fc], lr=0.1, momentum=0.0, nesterov=False)
+    opt = moe.NorMuon([layer.fc], lr=0.1, momentum=0.0, weight_decay=0.0)
     before = layer.fc.detach().clone()
     opt.step()
     update = (before - layer.fc.detach()) / 0.1  # square 64 x 64 slices: scale 1
@@ -208,20 +212,69 @@ def test_moe_every_keeps_the_other_layers_dense():
     assert kinds == ["MLP", "MoE", "MLP", "MoE"]
 
 
-def test_params_at_124m_against_the_baseline():
-    """Compute-matched defaults: 2 shared + top-2 of 16 routed experts of width 768 = the MLP's 3072 active width.
-    Per layer the experts hold 18 x 2 x 768^2 weights and the router 768 x 16, against the MLP's 2 x 768 x 3072; one
-    token uses 4 x 2 x 768^2 of them (the MLP's count) plus the router."""
+def model_costs(module):
+    """(parameters, active parameters, training FLOPs per token) of a script's 124M model on the meta device: the
+    FLOPs over a causal row of the last stage's long window (1408 tokens) on SDPA, as tests/test_model.py counts."""
+    from torch.utils.flop_counter import FlopCounterMode
+    args, _ = module.parse_args(["--attention=sdpa", "--seq_len=1408"])
+    counter = FlopCounterMode(display=False)
+    with torch.device("meta"):
+        model = module.GPT(module.GPTConfig.from_args(args))
+        idx = torch.zeros(1, 1408, dtype=torch.long)
+        with counter:
+            model(idx, idx).backward()
+    return sum(p.numel() for p in model.parameters()), model.num_active_params(), counter.get_total_flops() / 1408
+
+
+def test_params_and_flops_at_124m_against_the_baseline():
+    """Compute-matched defaults: 2 shared + top-2 of 16 routed experts of width 768 = the MLP's 3072 active width, in
+    all 11 layers (the attention-free layer 6 too). Per layer the experts hold 18 x 2 x 768^2 weights and the router
+    768 x 16, against the MLP's 2 x 768 x 3072; one token uses 4 x 2 x 768^2 of them (the MLP's count) plus the
+    router. Active excludes the tables looked up (token embedding, 5 value-embedding tables of 50304 x 768 and the
+    bigram table of 251,520 x 768; the head multiplies). Training FLOPs per token are 6 per weight that multiplies
+    (plus the baseline's attention): the CPU's dense path, which FlopCounter sees, runs all 16 routed experts, 14 x 2
+    x 768^2 weights a layer more than the GPU's grouped path, whose torch._grouped_mm it does not count; that path's
+    figure is the baseline's plus 6 x the 11 routers."""
+    (total, active, dense_flops), (dense_total, dense_active, baseline_flops) = map(model_costs, (moe, baseline))
+    tables = 6 * 50304 * 768 + 251_520 * 768
+    mlp, experts, router, skipped = 2 * 768 * 3072, 18 * 2 * 768 * 768, 768 * 16, 14 * 2 * 768 * 768
+    assert (dense_total, dense_active, baseline_flops) == (539_100_320, dense_total - tables, 814_553_568)
+    assert total == dense_total + 11 * (experts + router - mlp) == 720_901_280
+    assert active == dense_active + 11 * router == 114_267_296
+    assert dense_flops == baseline_flops + 6 * 11 * (experts + router - mlp) == 1_905_359_328
+    assert dense_flops - 6 * 11 * skipped == baseline_flops + 6 * 11 * router == 815_364_576  # the grouped path's
     with torch.device("meta"):
         model = moe.GPT(moe.GPTConfig.from_args(moe.parse_args([])[0]))
-        dense = baseline.GPT(baseline.GPTConfig.from_args(baseline.parse_args([])[0]))
-    total, dense_total = (sum(p.numel() for p in m.parameters()) for m in (model, dense))
-    tables = 4 * 50304 * 768  # the token embedding and 3 value-embedding tables (the head multiplies: active)
-    mlp, experts, router = 2 * 768 * 3072, 18 * 2 * 768 * 768, 768 * 16
-    assert dense_total == 278_102_070
-    assert total == dense_total + 12 * (experts + router - mlp) == 476_430_390
-    assert model.num_active_params() == dense_total - tables + 12 * router == 123_715_638
-    assert "2 shared + top-2 of 16 routed experts of width 768 (active width 3072, the MLP's 3072)" in model.describe()
+    assert all(isinstance(block.mlp, moe.MoE) for block in model.blocks) and model.blocks[6].attn is None
+    assert "11 of 11 layers, 2 shared + top-2 of 16 routed experts of width 768 (active width 3072, the MLP's 3072)" \
+        in model.describe()
+
+
+def test_experts_start_as_the_records_mlp():
+    """v3's MLP init per expert: c_fc uniform with std 0.5 n_embd^-0.5 (every routed expert's slice and the shared
+    experts' c_fc), output projections zero, so each MoE starts as the identity's residual, as the MLP does."""
+    model = build("--n_layer=11", "--value_embeds=5", randomise=False)
+    bound = 3 ** 0.5 * 0.5 * 64 ** -0.5
+    for block in model.blocks:
+        layer = block.mlp
+        assert all(bound * 0.9 < w.abs().max() <= bound for w in (*layer.fc, layer.shared.c_fc.weight))
+        assert layer.proj.abs().max() == 0 and layer.shared.c_proj.weight.abs().max() == 0
+
+
+def test_the_records_11_layers_decode_as_the_full_forward_and_keep_documents_apart():
+    """The v3 layout (no attention in layer 6, key offset, XSA, skip, backout, value embeddings, bigram, smear) with
+    an MoE in every layer: KV-cache decoding = the full forward across documents and past the windows, and an
+    earlier document moves nothing of a later one (the routing is per token)."""
+    deep = ("--n_layer=11", "--value_embeds=5", "--bigram_vocab=1000", "--vocab_size=50304")
+    model = random_model(moe, *deep)
+    model.windows.copy_(torch.tensor([6, 3]))  # windows shorter than the sequence
+    idx = tokens(B=2, T=20) * 97  # ids spread over the vocabulary
+    idx[0, 0] = idx[0, 9] = idx[1, 1] = idx[1, 15] = 50256  # documents at positions 0 and 1, and mid-sequence
+    with torch.no_grad():
+        full = model(idx)
+        decoded, _ = decode_in_pieces(model, idx, (1, 1, 5, 5) + (1,) * 8)
+    torch.testing.assert_close(decoded, full, atol=1e-4, rtol=1e-4)
+    assert all(moved == 0.0 for moved in document_leaks(random_model(moe, *deep), grad=False).values())
 
 
 def test_compiles_without_graph_breaks_and_matches_eager():
