@@ -409,7 +409,7 @@ def big_corpus(tmp_path_factory):
              "not but first one their its new after who they have her she two been other when there all").split()
     block = "".join(json.dumps({"text": " ".join(rng.choices(words, k=150))}) + "\n" for _ in range(1000))
     path = tmp_path_factory.mktemp("corpus") / "big.jsonl"
-    path.write_text(block * 20)
+    path.write_text(block * 100)  # ~15M tokens: seconds of work, so a signal lands mid-run on any machine
     return path
 
 
