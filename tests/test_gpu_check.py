@@ -396,11 +396,11 @@ def test_sigint_at_the_budget_stops_the_worker_which_writes_what_it_has(tmp_path
                     if json.loads(open(f"{out}/quick.json").read())["items"]["stages"]["status"] == "running":
                         break
                 time.sleep(0.02)
-            time.sleep(0.3)  # inside the stages' 3 x 41 steps
+            time.sleep(0.3)  # inside the stages' 3 x 1001 steps (minutes of CPU, so a loaded machine still lands it)
             proc.send_signal(signal.SIGINT)
             return proc.wait(timeout=60), 1.0, True
     out = tmp_path / "out"
-    o = options(tmp_path, steps=40, proxy=False, flags=TINY + ["--num_iterations=300"])  # 100 steps a stage
+    o = options(tmp_path, steps=1000, proxy=False, flags=TINY + ["--num_iterations=3300"])  # 1100 steps a stage
     report = bench.gpu_check("quick", out, o, runner=run)["quick"]
     status = {name: item["status"] for name, item in report["items"].items()}
     assert status == dict(ceilings="ok", baseline="ok", stages="stopped at the budget",
