@@ -17,11 +17,11 @@ def outputs(model, idx, grad):
         return {name: out.detach() for name, (out, _) in model.causal_outputs(idx).items()}
 
 
-def document_leaks(model, grad):
+def document_leaks(model, grad, T=40):
     """Change every token of the first document: a later document's outputs (its tokens from position 12 on) must not
-    move. Returns how far they moved, per output."""
+    move. Returns how far they moved, per output. T = 256: block masks from block arithmetic (two whole blocks)."""
     torch.manual_seed(1)
-    idx = torch.randint(0, 50000, (2, 40))
+    idx = torch.randint(0, 50000, (2, T))
     idx[:, 0] = idx[:, 12] = EOT
     idx[1, 30] = EOT  # a third document in row 1
     changed = idx.clone()
@@ -33,12 +33,12 @@ def document_leaks(model, grad):
             for name, (x, y) in later.items()}
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["flex", "dense"])
+@pytest.mark.parametrize("grad,T", [(False, 40), (False, 256), (True, 40)], ids=["flex", "flex-blocks", "dense"])
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_an_earlier_document_never_changes_a_later_one(script, grad):
+def test_an_earlier_document_never_changes_a_later_one(script, grad, T):
     module = load_script(script)
     model = random_model(module, "--n_layer=4")
-    moved = document_leaks(model, grad)
+    moved = document_leaks(model, grad, T)
     if module.GPT.crosses_documents:  # a mixer that sees across documents by design (AFNO's FFT
         assert any(m > 1e-4 for m in moved.values()), moved  # over the stream): the declaration must be true
     else:
@@ -97,12 +97,13 @@ def test_windows_follow_the_schedule_in_place():
                     [2560, 768]]
 
 
+@pytest.mark.parametrize("T", [300, 384], ids=["create_block_mask", "block arithmetic"])
 @pytest.mark.parametrize("window", [128, 256, 37])
-def test_flex_attention_equals_a_dense_masked_reference(window):
-    """document_mask's FlexAttention block mask and its dense mask both equal a mask written out by hand."""
+def test_flex_attention_equals_a_dense_masked_reference(window, T):
+    """document_mask's FlexAttention block mask and its dense mask both equal a mask written out by hand (T = 384:
+    three whole blocks, the mask from block arithmetic)."""
     module = load_script(ROOT / "train_gpt2.py")
     torch.manual_seed(3)
-    T = 300
     idx = torch.randint(0, 50000, (2, T))
     idx[0, [0, 40, 41, 200]] = EOT
     idx[1, [100]] = EOT
@@ -143,3 +144,61 @@ def test_sdpa_attention_is_causal_rows_and_decodes_with_its_cache(shards, tmp_pa
     torch.testing.assert_close(torch.cat(parts, 1), model(row), atol=1e-4, rtol=1e-4)
     summary = module.main(small_args(*shards, tmp_path, attention="sdpa", seq_len=32, num_iterations=12))
     assert summary["final_val_loss"] < 5.0  # from ln(256) = 5.55
+
+
+def block_mask_rows(mask):
+    """A BlockMask as comparable facts: its counts of partial and full key blocks per query block (and the transposed
+    counts FlexAttention's backward uses), each query block's set of partial and of full key blocks, and the dense
+    block-level picture."""
+    def sets(counts, indices):
+        return [sorted(row[:c].tolist()) for c, row in zip(counts.flatten().tolist(), indices.flatten(0, -2))]
+    return dict(counts=[mask.kv_num_blocks, mask.full_kv_num_blocks, mask.q_num_blocks, mask.full_q_num_blocks],
+                partial=sets(mask.kv_num_blocks, mask.kv_indices), full=sets(mask.full_kv_num_blocks, mask.full_kv_indices),
+                dense=mask.to_dense())
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_block_masks_from_block_arithmetic_equal_create_block_mask(script):
+    """document_block_mask (no pass over every query-key pair) gives the very BlockMask create_block_mask finds by
+    evaluating mask_mod everywhere: for documents shorter than, as long as and longer than a 128-token block, one that
+    begins at a block's edge, a stream with no EOT at its start (each row is its own stream), and windows of 1 token,
+    just under, at and just over one and two blocks, and wider than the stream."""
+    module = load_script(script)
+    from torch.nn.attention.flex_attention import create_block_mask
+    T, lengths = 640, [[5, 1, 122, 128, 129, 255, 1000], [300, 128, 1, 1, 126, 1000], [1000]]
+    starts = [torch.tensor(row).cumsum(0)[:-1] for row in lengths]
+    idx = torch.randint(0, 50000, (len(lengths), T), generator=torch.Generator().manual_seed(5))
+    for row, s in enumerate(starts):
+        idx[row, s[s < T]] = EOT  # row 0's first document and row 2's only one have no EOT at the stream's start
+    docs = (idx == EOT).cumsum(1)
+    for window in (1, 127, 128, 129, 255, 256, 257, 640, 5000):
+        w = torch.tensor(window)
+
+        def mask_mod(b, h, q, kv):
+            return (q >= kv) & (docs[b, q] == docs[b, kv]) & (q - kv < w)
+        expected = block_mask_rows(create_block_mask(mask_mod, docs.size(0), None, T, T, device="cpu"))
+        got = block_mask_rows(module.document_block_mask(docs, w, mask_mod))
+        for key in expected:
+            if key == "counts" or key == "dense":
+                for a, b in zip(expected[key] if key == "counts" else [expected[key]],
+                                got[key] if key == "counts" else [got[key]]):
+                    assert torch.equal(a, b), (window, key, a, b)
+            else:
+                assert got[key] == expected[key], (window, key)
+        assert any(got["full"]) or window < 256, window  # full blocks are compared too (a block back: 255 apart)
+
+
+def test_the_block_mask_comparison_sees_a_full_block_off_by_one():
+    """Not blind: the comparison above tells apart the mask whose key block 0 is full for query block 1 (window 256,
+    farthest pair 255 apart) from the one where it is partial (window 255), i.e. a `<=` for `<` in the arithmetic."""
+    module = load_script(ROOT / "train_gpt2.py")
+    from torch.nn.attention.flex_attention import create_block_mask
+    docs = torch.zeros(1, 384, dtype=torch.long)
+    w = torch.tensor(255)  # key block 0, query block 1: farthest pair 255 apart, so that block is partial
+
+    def mask_mod(b, h, q, kv):
+        return (q >= kv) & (docs[b, q] == docs[b, kv]) & (q - kv < w)
+    expected = block_mask_rows(create_block_mask(mask_mod, 1, None, 384, 384, device="cpu"))
+    assert block_mask_rows(module.document_block_mask(docs, w, mask_mod))["full"] == expected["full"]
+    assert block_mask_rows(module.document_block_mask(docs, w + 1, mask_mod))["full"] != expected["full"]
+
