@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from test_causality import find_leaks
-from tests.helpers import ROOT, assert_reordering_only, decode_in_pieces, load_script, random_model, small_args
+from tests.helpers import (ROOT, assert_reordering_only, decode_in_pieces, load_script, random_model, small_args,
+                           ulp_nudged)
 from tests.test_attention import document_leaks
 
 moe = load_script(ROOT / "train_gpt2_moe.py")
@@ -283,18 +284,20 @@ def test_compiles_without_graph_breaks_and_matches_eager():
     the same loads counted."""
     flags = ("--n_layer=1", "--moe_balance_alpha=0.01")
     eager, compiled, reference = build(*flags).train(), build(*flags).train(), build(*flags).train().double()
+    nudged = [ulp_nudged(eager, 1), ulp_nudged(eager, 2)]  # with eager: the yardstick (tests/helpers.py)
     idx = tokens(B=1, T=32)
     losses = []
-    for model in (eager, torch.compile(compiled, fullgraph=True), reference):
+    for model in (eager, torch.compile(compiled, fullgraph=True), reference, *nudged):
         loss = model(idx, idx)
         loss.backward()
         losses.append(loss.detach())
-    assert_reordering_only(losses[1], losses[0], losses[2], "loss")
-    for (name, p), q, r in zip(eager.named_parameters(), compiled.parameters(), reference.parameters()):
+    assert_reordering_only(losses[1], [losses[0], *losses[3:]], losses[2], "loss")
+    for (name, p), q, r, *n in zip(eager.named_parameters(), compiled.parameters(), reference.parameters(),
+                                   *(m.parameters() for m in nudged)):
         if p.grad is None:  # a parameter this forward does not use
             assert q.grad is None and r.grad is None, name
         else:
-            assert_reordering_only(q.grad, p.grad, r.grad, f"gradient of {name}")
+            assert_reordering_only(q.grad, [p.grad, *(x.grad for x in n)], r.grad, f"gradient of {name}")
     assert torch.equal(compiled.blocks[0].mlp.expert_load, eager.blocks[0].mlp.expert_load)
 
 

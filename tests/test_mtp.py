@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from test_causality import find_leaks
 from tests.helpers import (ROOT, assert_reordering_only, decode_in_pieces, load_script, random_model,
-                           read_log, small_args, tokens)
+                           read_log, small_args, tokens, ulp_nudged)
 from tests.test_attention import document_leaks
 from tests.test_compile import loss_and_gradients
 from tests.test_v3 import DEEP
@@ -505,11 +505,13 @@ def test_param_free_compiles_to_what_eager_computes():
     seq = tokens(1, 257, eots=(0, 70, 71, 190))  # documents, one of them a lone EOT
     reference, compiled = copy.deepcopy(model).double(), copy.deepcopy(model)
     compiled.compile_regions()
-    (loss, grads), (loss_c, grads_c), (loss_r, grads_r) = (loss_and_gradients(m, seq[:, :-1], seq[:, 1:])
-                                                           for m in (model, compiled, reference))
-    assert_reordering_only(loss_c, loss, loss_r, "training loss")
-    for name in grads:
-        assert_reordering_only(grads_c[name], grads[name], grads_r[name], f"gradient of {name}")
+    (loss_c, grads_c), (loss_r, grads_r) = (loss_and_gradients(m, seq[:, :-1], seq[:, 1:])
+                                            for m in (compiled, reference))
+    eager = [loss_and_gradients(m, seq[:, :-1], seq[:, 1:])
+             for m in (model, ulp_nudged(model, 1), ulp_nudged(model, 2))]  # the yardstick: tests/helpers.py
+    assert_reordering_only(loss_c, [loss for loss, _ in eager], loss_r, "training loss")
+    for name in grads_c:
+        assert_reordering_only(grads_c[name], [grads[name] for _, grads in eager], grads_r[name], f"gradient of {name}")
 
 
 def test_with_mtp_weight_zero_the_script_trains_exactly_like_the_baseline(shards, tmp_path):
