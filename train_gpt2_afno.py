@@ -144,8 +144,7 @@ def cautious_update_(p, update, decay, mask):
 class NorMuon(torch.optim.Optimizer):
     """Muon (MomentUm Orthogonalized by Newton–Schulz, Jordan et al. 2024) with NorMuon's second moment and
     cautious weight decay, for the hidden weight matrices, as r0126:699-758 steps them. For each matrix W
-    with gradient G (averaged across ranks by DDP; every rank computes every update: simple, and free on one
-    GPU), r, c its rows and columns, lr the group's scheduled LR:
+    with gradient G (averaged across ranks by DDP), r, c its rows and columns, lr the group's scheduled LR:
         buf = m * buf + (1 - m) * G;  U = (1 - m) * G + m * buf       Nesterov momentum, fp32 (r0126:705-706)
         V = normuon_normalise(polar_express(U))                       (r0126:713-718)
         lr_W = lr * lr_mul * max(1, r / c) ** 0.5                     same RMS update tall or wide (r0126:355)
@@ -155,7 +154,9 @@ class NorMuon(torch.optim.Optimizer):
     is treated as W^T, the record's layout for the MLP output projections ((in, out), r0126:1127-1134): its
     shape multiplier and its second moment's rows are the record's. Same-shape matrices (as treated) are
     stacked, so one batched Newton–Schulz call serves them all; a 3-D weight (MoE's experts, AFNO's blocks)
-    is a stack of matrices, each orthogonalised and normalised on its own."""
+    is a stack of matrices, each orthogonalised and normalised on its own. With several processes, each
+    rank orthogonalises its share of every stack and the updates are all-gathered (as modded-nanogpt's Muon
+    splits its work), so 8 GPUs do 1/8 of the Newton–Schulz work each; momentum stays whole on every rank."""
 
     def __init__(self, params, lr=0.023, momentum=0.95, beta2=0.95, weight_decay=1.2, lr_mul=1.0,
                  transposed=False, ns_steps=5):
@@ -171,6 +172,8 @@ class NorMuon(torch.optim.Optimizer):
                     shape = tuple(as_treated(p, group).shape)
                     key = (shape, group["momentum"], group["beta2"], group["ns_steps"])
                     stacks.setdefault(key, []).append((p, group))
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        gathers = []
         for (shape, momentum, beta2, ns_steps), members in stacks.items():
             updates, moments = [], []
             for p, group in members:
@@ -184,9 +187,15 @@ class NorMuon(torch.optim.Optimizer):
                 buf.lerp_(grad, 1 - momentum)
                 updates.append(grad.lerp(buf, momentum))
                 moments.append(state["second_moment"])
-            second_moment = torch.stack(moments)
-            V = normuon_normalise(zeropower_via_newtonschulz5(torch.stack(updates), ns_steps).float(),
-                                  second_moment, beta2)
+            # this rank's share: matrices [rank * share, (rank + 1) * share), zero matrices padding the last
+            share = -(-len(members) // world)
+            mine = slice(rank * share, (rank + 1) * share)
+            U = padded_stack(updates[mine], share, updates[0])
+            second_moment = padded_stack(moments[mine], share, moments[0])
+            V = normuon_normalise(zeropower_via_newtonschulz5(U, ns_steps).float(), second_moment, beta2)
+            gathers.append((shape, members, moments, all_gathered((V, second_moment), world)))
+        for shape, members, moments, wait in gathers:  # the collectives overlap the Newton–Schulz work
+            V, second_moment = wait()  # every member's, in order (and the padding, which zip leaves out)
             shape_mult = max(1.0, shape[-2] / shape[-1]) ** 0.5
             for (p, group), moment, new_moment, v in zip(members, moments, second_moment, V):
                 moment.copy_(new_moment)
@@ -194,6 +203,12 @@ class NorMuon(torch.optim.Optimizer):
                 v = as_treated(v, group)  # back to W's own layout (a transpose is its own inverse)
                 decay = group["lr"] * lr * group["weight_decay"]
                 cautious_update_(p, (v * lr).to(p.dtype), decay, v * p >= 0)
+
+
+def padded_stack(tensors, n, like):
+    """torch.stack of tensors, with zeros shaped like `like` up to n (a zero update stays zero through
+    Newton–Schulz and NorMuon's normalisation, and its moment is never read)."""
+    return torch.stack([*tensors, *(torch.zeros_like(like) for _ in range(n - len(tensors)))])
 
 
 def as_treated(t, group):
@@ -1451,6 +1466,22 @@ def main(argv=None):
 
 
 # ---- harness ----
+def all_gathered(shares, world):
+    """NorMuon's all-gather (the muon section): a function that waits for every rank's shares (tensors
+    (share, ...)) and returns them concatenated in rank order along dim 0; one collective for all, started now."""
+    if world == 1:
+        return lambda: shares
+    flat = torch.cat([t.flatten(1) for t in shares], dim=1)
+    parts = [torch.empty_like(flat) for _ in range(world)]
+    work = dist.all_gather(parts, flat, async_op=True)
+
+    def wait():
+        work.wait()
+        columns = torch.cat(parts).split([t[0].numel() for t in shares], dim=1)
+        return [c.reshape(-1, *t.shape[1:]) for c, t in zip(columns, shares)]
+    return wait
+
+
 class StepRecord:
     """A step taken, logged once the next step is queued: its loss (and an idea's log_stats) are copied to the
     host now, behind the work that makes them, so reading them then waits for this step only, never for the

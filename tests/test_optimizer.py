@@ -3,6 +3,7 @@ NorMuon (Polar Express, the second moment, cautious weight decay), Adam every ot
 script's model, and the LR / momentum schedules at hand-computed steps."""
 import fnmatch
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,6 +144,55 @@ def test_normuon_allocates_its_buffers_once(monkeypatch):
             p.grad = torch.randn_like(p)
         opt.step()
     assert len(allocations) == 3 * 2  # a momentum and a second moment per matrix, at its first step
+
+
+SHARDED_SHAPES = [(32, 16)] * 5 + [(16, 48), (48, 16), (3, 8, 8)]  # 5 in a stack: 3 + 2 and a padding matrix
+SHARDED_TRANSPOSED = [False] * 6 + [True, False]  # (48, 16) transposed joins (16, 48): a stack of 2, one each
+
+
+def sharded_normuon_run(world=1, rank=0):
+    """Three NorMuon steps over SHARDED_SHAPES with the same gradients on every rank (what DDP hands it): the
+    weights and the optimizer state afterwards."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in SHARDED_SHAPES]
+    opt = train.NorMuon([dict(params=[p], transposed=t) for p, t in zip(params, SHARDED_TRANSPOSED)], lr=0.1)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return dict(weights=[p.detach() for p in params],
+                state=[(opt.state[p]["momentum_buffer"], opt.state[p]["second_moment"]) for p in params])
+
+
+def _sharded_normuon_worker(rank, store_path, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    calls = []
+    original = train.zeropower_via_newtonschulz5
+    train.zeropower_via_newtonschulz5 = lambda G, steps=5: calls.append(G.size(0)) or original(G, steps)
+    try:
+        result = sharded_normuon_run()
+    finally:
+        train.zeropower_via_newtonschulz5 = original
+    torch.save(dict(result, calls=calls), Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_normuon_split_across_two_processes_equals_one_process(tmp_path):
+    """With 2 gloo processes each rank orthogonalises its share of every stack (5 same-shape matrices: 3 and
+    2 plus a zero padding one; a stack of 2: one each; a lone 3-D weight: rank 1 gets only padding) and the
+    updates are all-gathered: after three steps both ranks' weights, momenta and second moments equal a single
+    process's bit for bit (fp32 on a CPU: each matrix's Newton–Schulz and normalisation do not depend on what
+    else is in its batch)."""
+    torch.multiprocessing.spawn(_sharded_normuon_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    single = sharded_normuon_run()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["calls"] == [3, 1, 1] * 3, got["calls"]  # each step's per-rank Newton–Schulz batches (1 process: 5, 2, 1)
+        for name, want, have in zip(SHARDED_SHAPES, single["weights"], got["weights"]):
+            assert torch.equal(want, have), (rank, name)
+        for (m, v), (m2, v2) in zip(single["state"], got["state"]):
+            assert torch.equal(m, m2) and torch.equal(v, v2), rank
 
 
 # ---- cautious weight decay: only where the update and the weight agree in sign ----
